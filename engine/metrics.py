@@ -1,0 +1,112 @@
+"""metrics.jsonl writer, a progress line with tokens/s, and curve plots."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to `path`.
+
+    On resume, lines of steps after the checkpoint are dropped (`truncate_after`): those steps are
+    about to be recomputed, so the file stays one clean sequence, as if never interrupted.
+    """
+
+    def __init__(self, path: str, truncate_after: int | None = None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if truncate_after is not None and os.path.exists(path):
+            keep = [line for line in read_metrics(path) if line.get("step", 0) <= truncate_after]
+            from .checkpoint import atomic_write_bytes
+            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+        elif truncate_after is None and os.path.exists(path):
+            os.unlink(path)  # a fresh run (no checkpoint) starts a fresh file
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean, allow_nan=True) + "\n")
+            f.flush()
+
+
+def read_metrics(path: str) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut by a crash: everything after it is unreliable
+    return rows
+
+
+class Progress:
+    """A single-line progress bar (tqdm when available and stderr is a terminal)."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True):
+        self.total, self.enabled, self.t0, self.bar = total, enabled, time.time(), None
+        self.desc, self.last_print = desc, 0.0
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+
+    def update(self, step: int, **info):
+        if not self.enabled:
+            return
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in info.items())
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(text, refresh=True)
+        elif time.time() - self.last_print > 10 or step == self.total:
+            self.last_print = time.time()
+            print(f"{self.desc} step {step}/{self.total} {text}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) and math.isfinite(v):
+            return f"{v:.2e}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def plot_curves(series: dict, path: str, title: str = "") -> bool:
+    """series: {panel name: {label: (xs, ys)}} -> a PNG grid. Returns False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    n = len(series)
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (name, lines) in zip(axes.flat, series.items()):
+        for label, (xs, ys) in lines.items():
+            ax.plot(xs, ys, label=label, lw=1.2)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,288 @@
+"""GPT-3 in one file: the language model, its static KV cache, sampling, and the scalar-head
+reward / value model.
+
+Architecture (Brown et al. 2020, which follows GPT-2): learned token + position embeddings,
+pre-LayerNorm blocks `x + attn(ln_1(x))`, `x + mlp(ln_2(x))` with a 4x GELU MLP, a final
+LayerNorm, and the output projection tied to the token embedding. Attention layers alternate
+between dense causal and locally banded causal (query i sees keys i-window < j <= i), as GPT-3
+did after the Sparse Transformer. Residual dropout on each block output and on the embeddings.
+Initialisation as GPT-2: N(0, 0.02), residual output projections scaled by 1/sqrt(2*n_layer).
+
+Every attention call goes through `kernels.attention` (Triton on CUDA, SDPA on CPU); every
+token logprob through `kernels.linear_logprobs`, which never materialises [N, V] logits.
+
+Batched prompts of different lengths are left-padded; `kv_start[b]` is the number of pad tokens
+of row b. Position ids then start at 0 on the first real token, and pad keys are masked.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+from .config import GPTConfig
+
+
+class KVCache:
+    """Static cache: k, v [n_layer, B, H, max_len, D] allocated once; `length` tokens are filled."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.d_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v [B,H,T,D] at positions [length, length+T); return views of the filled part."""
+        t0, t1 = self.length, self.length + k.shape[2]
+        if t1 > self.k.shape[3]:
+            raise ValueError(f"KVCache overflow: {t1} tokens > max_len {self.k.shape[3]}")
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        inner = cfg.n_head * cfg.d_head
+        self.n_head, self.d_head, self.layer = cfg.n_head, cfg.d_head, layer
+        self.window = cfg.window if cfg.is_banded(layer) else None
+        self.c_attn = nn.Linear(cfg.d_model, 3 * inner, bias=cfg.bias)
+        self.c_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x, kv_start=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
+        if cache is not None:  # (B, H, T, D) -> attend over everything cached so far
+            k, v = cache.append(self.layer, k, v)
+        y = kernels.attention(q, k, v, causal=True, window=self.window, kv_start=kv_start)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.attn = Attention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.mlp = nn.Sequential()
+        self.mlp.c_fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
+        self.mlp.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.mlp.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, kv_start=None, cache=None):
+        x = x + self.drop(self.attn(self.ln_1(x), kv_start, cache))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # residual projections: keep the stream's variance
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:  # tied output embedding [V, d]
+        return self.wte.weight
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ forward
+    def hidden_states(self, idx, *, kv_start=None, cache: KVCache | None = None):
+        """idx [B,T] long -> [B,T,d] after the final LayerNorm."""
+        B, T = idx.shape
+        t0 = cache.length if cache is not None else 0
+        if t0 + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {t0 + T} tokens exceeds block_size {self.cfg.block_size}")
+        pos = torch.arange(t0, t0 + T, device=idx.device).expand(B, T)
+        if kv_start is not None:  # left padding: the first real token gets position 0
+            pos = (pos - kv_start.view(B, 1)).clamp_min(0)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.h:
+            x = block(x, kv_start, cache)
+        if cache is not None:
+            cache.length += T
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None, *, kv_start=None, cache=None, temperature=1.0,
+                return_entropy=False):
+        """idx [B,T] -> logits [B,T,V]; with targets [B,T]: their log-probs [B,T] fp32 instead,
+        through kernels.linear_logprobs (no [B,T,V] tensor; targets == -100 give 0).
+
+        Training code passes targets, so the call goes through a DDP/FSDP wrapper's forward.
+        """
+        h = self.hidden_states(idx, kv_start=kv_start, cache=cache)
+        if targets is None:
+            return F.linear(h, self.lm_head_weight)
+        B, T, d = h.shape
+        if targets.shape != (B, T):
+            raise ValueError(f"targets must be [B,T]={B, T}, got {tuple(targets.shape)}")
+        out = kernels.linear_logprobs(h.reshape(B * T, d), self.lm_head_weight, targets.reshape(B * T),
+                                      temperature=temperature, return_entropy=return_entropy)
+        if return_entropy:
+            return out[0].view(B, T), out[1].view(B, T)
+        return out.view(B, T)
+
+    def logprobs(self, idx, *, kv_start=None, temperature=1.0, return_entropy=False):
+        """Log-probs [B,T-1] of idx[:, 1:] given their prefixes."""
+        return self(idx[:, :-1], idx[:, 1:], kv_start=kv_start, temperature=temperature,
+                    return_entropy=return_entropy)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 eos_id: int | None = None, *, kv_start=None, pad_id: int = 0,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 return_logprobs: bool = False):
+        """Sample continuations with a static KV cache.
+
+        idx: [B,T] long (left-padded, with kv_start [B] = pad count per row) or a list of token
+        lists of different lengths (left-padded here with pad_id). temperature=0 is greedy.
+        Rows that emitted eos_id keep emitting eos_id. Returns ids [B, T+new]; with
+        return_logprobs also the logprobs [B, new] of the sampled tokens under the
+        temperature-scaled distribution that was actually sampled (top-p is a sampling filter
+        and does not change them), and kv_start.
+        """
+        idx, kv_start = _left_pad(idx, kv_start, pad_id, self.wte.weight.device)
+        if seed is not None:
+            generator = torch.Generator(device=idx.device).manual_seed(seed)
+        B, T = idx.shape
+        w = self.wte.weight
+        cache = KVCache(self.cfg, B, T + max_new_tokens, w.device, w.dtype)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        out, lps = [idx], []
+        h = self.hidden_states(idx, kv_start=kv_start, cache=cache)[:, -1]
+        for _ in range(max_new_tokens):
+            logits = F.linear(h, w).float()
+            tok, lp = _sample(logits, temperature, top_p, generator)
+            if eos_id is not None:
+                tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+                lp = torch.where(done, torch.zeros_like(lp), lp)
+                done |= tok == eos_id
+            out.append(tok[:, None])
+            lps.append(lp[:, None])
+            if eos_id is not None and bool(done.all()):
+                break
+            h = self.hidden_states(tok[:, None], kv_start=kv_start, cache=cache)[:, -1]
+        ids = torch.cat(out, 1)
+        if return_logprobs:
+            lp = torch.cat(lps, 1) if lps else ids.new_zeros(B, 0, dtype=torch.float32)
+            return ids, lp, kv_start
+        return ids
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str) -> None:
+        """Write config.json + model.safetensors into directory `path` (atomically)."""
+        from .checkpoint import save_model
+        save_model(self, path)
+
+    @classmethod
+    def load(cls, path: str, map_location="cpu", **overrides):
+        from .checkpoint import load_model
+        return load_model(cls, path, map_location=map_location, **overrides)
+
+
+def _left_pad(idx, kv_start, pad_id, device):
+    if isinstance(idx, torch.Tensor):
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be [B,T], got shape {tuple(idx.shape)}")
+        if kv_start is None:
+            kv_start = torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device)
+        return idx, kv_start
+    rows = [list(r) for r in idx]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("generate: every prompt needs at least one token")
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (T - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    return ids, torch.tensor([T - len(r) for r in rows], dtype=torch.long, device=device)
+
+
+def _sample(logits, temperature, top_p, generator):
+    """logits [B,V] fp32 -> (token [B], logprob [B] under softmax(logits / temperature))."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
+    logp = torch.log_softmax(logits / temperature, -1)
+    probs = logp.exp()
+    if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted probs with mass >= top_p
+        sp, si = probs.sort(-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p
+        probs = torch.zeros_like(probs).scatter(1, si, sp * keep)
+    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tok, logp.gather(1, tok[:, None])[:, 0]
+
+
+class RewardModel(nn.Module):
+    """GPT trunk + scalar head: idx [B,T] -> per-token scores [B,T]. Also the PPO value model.
+
+    The reward of a response is the score at its last token (the EOS, or the last token when
+    it was truncated). `bias` of the head is shifted after RM training so that labeler
+    demonstrations score 0 on average (InstructGPT section 3.5).
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = GPT(cfg)
+        self.head = nn.Linear(cfg.d_model, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(cfg.d_model + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx, *, kv_start=None):
+        return self.head(self.trunk.hidden_states(idx, kv_start=kv_start)).squeeze(-1)
+
+    def score_at(self, idx, last_idx, *, kv_start=None):
+        """Score of each row at position last_idx [B] -> [B]."""
+        s = self(idx, kv_start=kv_start)
+        return s.gather(1, last_idx.view(-1, 1)).squeeze(1)
+
+    @classmethod
+    def from_gpt(cls, gpt: GPT) -> "RewardModel":
+        rm = cls(gpt.cfg).to(gpt.wte.weight.device)
+        rm.trunk.load_state_dict(gpt.state_dict())
+        return rm
+
+    def save(self, path: str) -> None:
+        from .checkpoint import save_model
+        save_model(self, path)
+
+    @classmethod
+    def load(cls, path: str, map_location="cpu", **overrides):
+        from .checkpoint import load_model
+        return load_model(cls, path, map_location=map_location, **overrides)
+
+
+def config_dict(cfg: GPTConfig) -> dict:
+    return asdict(cfg)
+
+
+def read_config(path: str) -> GPTConfig:
+    with open(os.path.join(path, "config.json")) as f:
+        d = json.load(f)
+    d.pop("model_class", None)
+    return GPTConfig(**d)

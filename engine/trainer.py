@@ -1,0 +1,234 @@
+"""One compact training loop shared by every stage.
+
+A stage plugs in two functions:
+    batch_fn(step, micro) -> batch       deterministic in (step, micro): the data position of a
+                                         run is just its step, so resuming needs no data cursor
+    loss_fn(model, batch) -> (loss, info) info: floats to log; "tokens" feeds tokens/s
+
+`Trainer.fit()` then runs: warmup + cosine LR, gradient accumulation, clipping, bf16 autocast on
+CUDA, non-finite step skipping, eval every N steps, metrics.jsonl, a progress line, atomic
+checkpoints every N steps and on SIGTERM/SIGINT, and resume from the latest checkpoint when the
+same command is run again. Stages with their own loop (PPO) call `update()` / `save()` directly.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+
+import torch
+
+from . import checkpoint as ckpt
+from . import dist
+from .config import TrainConfig
+from .metrics import MetricsWriter, Progress
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """AdamW groups: decay on matmul weights only; none on biases, norms and embeddings."""
+    decay, no_decay, seen = [], [], set()
+    for mod_name, mod in model.named_modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            is_matmul = isinstance(mod, torch.nn.Linear) and name == "weight"
+            (decay if is_matmul else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model, cfg: TrainConfig, lr: float | None = None):
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr if lr is None else lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, model, cfg: TrainConfig, out_dir: str, *, loss_fn=None, batch_fn=None,
+                 eval_fn=None, models: dict | None = None, optimizers: dict | None = None,
+                 state_fn=None, load_state_fn=None, device=None, desc: str = "train"):
+        self.cfg, self.out_dir, self.desc = cfg, out_dir, desc
+        self.model = model
+        self.loss_fn, self.batch_fn, self.eval_fn = loss_fn, batch_fn, eval_fn
+        self.models = models or {"model": dist.unwrap(model)}
+        self.optimizers = optimizers or {"model": make_optimizer(dist.unwrap(model), cfg)}
+        self.state_fn, self.load_state_fn = state_fn, load_state_fn
+        self.device = device or next(model.parameters()).device
+        self.step, self.bad_in_row, self.bad_total = 0, 0, 0
+        self.stop_requested = False
+        self.ckpt_dir = os.path.join(out_dir, "ckpt")
+        self.micro_batch_size = cfg.micro_batch_size or cfg.batch_size // dist.world_size()
+        self.accum = max(1, cfg.batch_size // (self.micro_batch_size * dist.world_size()))
+        self.metrics = None
+
+    # ------------------------------------------------------------------ resume / save
+    def resume(self) -> bool:
+        """Load the latest checkpoint of out_dir if there is one. Returns True if resumed."""
+        state = ckpt.load_training(self.ckpt_dir, self.models, map_location=self.device)
+        if state is not None:
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+            self.step = state["step"]
+            self.bad_total = state.get("bad_total", 0)
+            ckpt.set_rng_state(state["rng"])
+            if self.load_state_fn is not None:
+                self.load_state_fn(state.get("extra", {}))
+            dist.print0(f"[{self.desc}] resumed from {self.ckpt_dir} at step {self.step}")
+        self.metrics = MetricsWriter(os.path.join(self.out_dir, "metrics.jsonl"),
+                                     truncate_after=self.step if state is not None else None,
+                                     enabled=dist.is_main())
+        return state is not None
+
+    def save(self) -> None:
+        if not dist.is_main():
+            if dist.is_dist():
+                torch.distributed.barrier()
+            return
+        state = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                 "rng": ckpt.rng_state(), "bad_total": self.bad_total,
+                 "extra": self.state_fn() if self.state_fn is not None else {}}
+        ckpt.save_training(self.ckpt_dir, self.step, self.models, state)
+        if dist.is_dist():
+            torch.distributed.barrier()
+
+    # ------------------------------------------------------------------ one optimizer step
+    def autocast(self):
+        use_bf16 = self.cfg.dtype == "bf16" or (self.cfg.dtype == "auto" and self.device.type == "cuda")
+        if use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def update(self, micro_batches, loss_fn, *, model=None, optimizer=None, lr=None, clip=None):
+        """Forward/backward over micro batches (grads averaged), clip, step. Returns info dict.
+
+        A non-finite loss or gradient norm skips the step (grads dropped, counted); more than
+        cfg.max_bad_steps in a row raise NonFiniteError.
+        """
+        model = model or self.model
+        opt = optimizer or self.optimizers["model"]
+        if lr is not None:
+            for g in opt.param_groups:
+                g["lr"] = lr
+        n = len(micro_batches)
+        sums: dict = {}
+        loss_total = 0.0
+        for i, batch in enumerate(micro_batches):
+            sync = i == n - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), self.autocast():
+                loss, info = loss_fn(model, batch)
+            (loss / n).backward()
+            loss_total += float(loss.detach()) / n
+            for k, v in info.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        clip = self.cfg.grad_clip if clip is None else clip
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        finite = math.isfinite(loss_total) and bool(torch.isfinite(gnorm))
+        if finite:
+            opt.step()
+            self.bad_in_row = 0
+        else:
+            self.bad_in_row += 1
+            self.bad_total += 1
+            if self.bad_in_row > self.cfg.max_bad_steps:
+                raise NonFiniteError(
+                    f"[{self.desc}] step {self.step}: {self.bad_in_row} non-finite steps in a row "
+                    f"(loss={loss_total}, grad_norm={float(gnorm)}); stopping. Lower train.lr or "
+                    f"check the data; the last good checkpoint is in {self.ckpt_dir}")
+        opt.zero_grad(set_to_none=True)
+        info = {k: v / n if k != "tokens" else v for k, v in sums.items()}
+        info.update(loss=loss_total, grad_norm=float(gnorm), skipped=int(not finite),
+                    bad_steps=self.bad_total)
+        return info
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum, frame):
+        self.stop_requested = True
+
+    @contextlib.contextmanager
+    def signals(self):
+        """SIGTERM/SIGINT finish the current step, checkpoint, and exit cleanly."""
+        old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for s in old:
+                signal.signal(s, self._on_signal)
+        except ValueError:  # not the main thread
+            old = {}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def seed_step(self, step: int) -> None:
+        """Per-step seeding (dropout etc.): a resumed run draws exactly the same numbers."""
+        torch.manual_seed(self.cfg.seed * 1_000_003 + step * 7919 + dist.rank())
+
+    def log(self, row: dict, progress: Progress | None = None) -> None:
+        self.metrics.write(row)
+        if progress is not None:
+            progress.update(row["step"], loss=row.get("loss"), lr=row.get("lr"),
+                            tok_s=int(row.get("tokens_per_s", 0)))
+
+    def fit(self) -> dict:
+        """Run until cfg.max_steps (resuming if a checkpoint exists). Returns the last info."""
+        cfg = self.cfg
+        if self.metrics is None:
+            self.resume()
+        progress = Progress(cfg.max_steps, self.step, self.desc, cfg.progress and dist.is_main())
+        info: dict = {}
+        with self.signals():
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                self.model.train()
+                self.seed_step(self.step)
+                lr = lr_at(self.step, cfg)
+                micro = [self.batch_fn(self.step, i) for i in range(self.accum)]
+                info = self.update(micro, self.loss_fn, lr=lr)
+                self.step += 1
+                dt = time.perf_counter() - t0
+                tokens = info.pop("tokens", 0.0) * dist.world_size()
+                row = {"step": self.step, "loss": info.pop("loss"), "lr": lr,
+                       "tokens_per_s": tokens / dt if dt > 0 else 0.0, "step_time_s": dt, **info}
+                if self.eval_fn is not None and cfg.eval_every > 0 and (
+                        self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                    row.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+                if self.step % max(1, cfg.log_every) == 0 or self.step == cfg.max_steps:
+                    self.log(row, progress)
+                info = row
+                if self.stop_requested:
+                    self.save()
+                    progress.close()
+                    dist.print0(f"[{self.desc}] stopped by signal at step {self.step}; checkpoint saved")
+                    raise SystemExit(0)
+                if cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0 and self.step < cfg.max_steps:
+                    self.save()
+        self.save()
+        progress.close()
+        return info
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        was = self.model.training
+        self.model.eval()
+        try:
+            with self.autocast():
+                return self.eval_fn(self.model)
+        finally:
+            self.model.train(was)

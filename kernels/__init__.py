@@ -1,0 +1,115 @@
+"""Custom ops of the engine, with one dispatch point per op.
+
+    attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None)
+    linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False)
+    linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, temperature=1.0)
+    gae(rewards, values, mask, *, gamma, lam)
+
+Backend choice (ENGINE_KERNELS=auto|ref|triton|cpp|torch, default auto):
+  auto   CUDA tensors -> Triton; CPU tensors -> C++ op from csrc/ when it builds,
+         else the chunked PyTorch path (which still never materializes [N, V] logits).
+  ref    the plain PyTorch references `*_ref` (test oracles, A/B checks).
+  triton force Triton (on CPU tensors this needs TRITON_INTERPRET=1; that is how CI tests it).
+  cpp    force the C++ ops (CPU tensors).
+  torch  force the chunked / SDPA PyTorch paths.
+Attention has no C++ op: on CPU, `auto` and `cpp` use the SDPA path.
+"""
+import os
+
+from .attention import attention_ref
+from .gae import gae_ref
+from .kl import linear_kl_ref
+from .logprob import linear_logprobs_ref
+
+__all__ = ["attention", "linear_logprobs", "linear_kl", "gae", "backend",
+           "attention_ref", "linear_logprobs_ref", "linear_kl_ref", "gae_ref"]
+
+_VALID = ("auto", "ref", "triton", "cpp", "torch")
+
+
+def backend(t, has_cpp=True):
+    """The backend name used for tensor `t` under the current ENGINE_KERNELS setting."""
+    mode = os.environ.get("ENGINE_KERNELS", "auto").lower()
+    if mode not in _VALID:
+        raise ValueError(f"ENGINE_KERNELS={mode!r}: expected one of {_VALID}")
+    if mode != "auto":
+        return mode
+    if t.is_cuda:
+        return "triton"
+    if has_cpp and _cpp_available():
+        return "cpp"
+    return "torch"
+
+
+def _cpp_available() -> bool:
+    try:
+        from . import _cpp
+    except ImportError:
+        return False
+    return _cpp.available()
+
+
+def attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None):
+    """Scaled dot-product attention. q [B,H,Tq,D], k/v [B,H,Tk,D] with Tq <= Tk.
+
+    Query i sits at absolute position p_i = Tk - Tq + i (bottom-right aligned, so prefill and
+    one-token decode against a KV cache use the same call). Key j is visible to query i iff
+    j <= p_i (causal), j > p_i - window (window=w), and j >= kv_start[b] (left padding).
+    Rows that see no key return 0.
+    """
+    b = backend(q, has_cpp=False)
+    if b == "ref":
+        return attention_ref(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
+    if b == "triton":
+        from .attention import attention_triton
+        return attention_triton(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
+    from .attention import attention_torch
+    return attention_torch(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
+
+
+def linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False):
+    """log_softmax(hidden @ weight.T / temperature).gather(targets) without the [N, V] logits.
+
+    hidden [N,d], weight [V,d], targets [N] long (-100 = ignored: 0 out, no gradient)
+    -> logp [N] fp32 (and entropy [N] fp32 if return_entropy).
+    """
+    b = backend(hidden)
+    from . import logprob
+    fn = {"ref": logprob.linear_logprobs_ref, "triton": getattr(logprob, "linear_logprobs_triton", None),
+          "torch": getattr(logprob, "linear_logprobs_chunked", None)}.get(b)
+    if b == "cpp":
+        from . import _cpp
+        fn = _cpp.linear_logprobs
+    return fn(hidden, weight, targets, temperature=temperature, return_entropy=return_entropy)
+
+
+def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, temperature=1.0):
+    """Target logprob under policy and reference and the exact per-token KL(pi || pi_ref).
+
+    -> (logp [N], ref_logp [N], kl [N]) fp32; gradients flow to hidden and weight only.
+    """
+    b = backend(hidden)
+    from . import kl
+    fn = {"ref": kl.linear_kl_ref, "triton": getattr(kl, "linear_kl_triton", None),
+          "torch": getattr(kl, "linear_kl_chunked", None)}.get(b)
+    if b == "cpp":
+        from . import _cpp
+        fn = _cpp.linear_kl
+    return fn(hidden, weight, ref_hidden, ref_weight, targets, temperature=temperature)
+
+
+def gae(rewards, values, mask, *, gamma, lam):
+    """Masked GAE. rewards/values/mask [B,T] -> (advantages, returns) [B,T] fp32.
+
+    delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t ;  A_t = delta_t + gamma * lam * m_{t+1} * A_{t+1}
+    on positions with m_t = 1; padding (m_t = 0) gives 0 and the scan never crosses it.
+    returns = advantages + values (0 on padding).
+    """
+    b = backend(rewards)
+    from . import gae as _gae
+    fn = {"ref": _gae.gae_ref, "triton": getattr(_gae, "gae_triton", None),
+          "torch": getattr(_gae, "gae_torch", None)}.get(b)
+    if b == "cpp":
+        from . import _cpp
+        fn = _cpp.gae
+    return fn(rewards, values, mask, gamma=gamma, lam=lam)

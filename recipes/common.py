@@ -1,0 +1,143 @@
+"""What every recipe shares: the command line, run folders, tokenizer and model set-up.
+
+Command line (all stages):
+    python -m recipes.<stage> [--config FILE.toml] [--out DIR] [--section.key=value ...]
+Run folder DIR: config.toml (resolved), metrics.jsonl, ckpt/ (latest checkpoint, resumed by
+rerunning the same command), tokenizer.model, model/ (final weights, `GPT.load` format).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from engine import dist
+from engine.checkpoint import CheckpointError, atomic_write_bytes, load_weights
+from engine.config import load_config, to_toml
+
+DATA = Path(__file__).parent / "data"
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def parse(cfg_cls, argv: list[str] | None, stage: str):
+    """-> (cfg, out_dir). Unknown flags and keys raise with the list of valid ones."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path, out, overrides = None, None, []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-h", "--help"):
+            print(__doc__.strip())
+            print(f"\n[{stage}] defaults:\n" + to_toml(cfg_cls()))
+            raise SystemExit(0)
+        key, _, val = a.partition("=")
+        if key in ("--config", "--out"):
+            if not val:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"{key} needs a value")
+                i, val = i + 1, argv[i + 1]
+            config_path, out = (val, out) if key == "--config" else (config_path, val)
+        elif a.startswith("--") and "=" in a:
+            overrides.append(a)
+        else:
+            raise SystemExit(f"unexpected argument {a!r}; use --config FILE, --out DIR, --section.key=value")
+        i += 1
+    try:
+        cfg = load_config(cfg_cls, config_path, overrides)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"config error: {e.args[0] if e.args else e}") from None
+    return cfg, out or os.path.join("runs", stage)
+
+
+def setup(cfg, out_dir: str) -> torch.device:
+    """Init (torchrun-aware), seed, thread count; write the resolved config into out_dir."""
+    device = dist.init(cfg.train.device)
+    if device.type == "cpu" and cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    if dist.is_main():
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write_bytes(os.path.join(out_dir, "config.toml"), to_toml(cfg).encode())
+    return device
+
+
+def tokenizer(cfg, out_dir: str, train_texts=None):
+    """The run's tokenizer: data.tokenizer, else the init model's, else this run's (resume),
+    else one trained here on `train_texts()` (sentencepiece BPE, data.vocab_size)."""
+    from engine.tokenizer import Tokenizer
+
+    for cand in (cfg.data.tokenizer, _init_dir(cfg.model.init), out_dir):
+        if cand and (Path(cand) / "tokenizer.model").exists() or (cand and cand.endswith(".model")):
+            tok = Tokenizer.load(cand)
+            break
+    else:
+        if train_texts is None:
+            raise SystemExit("no tokenizer: set --data.tokenizer or --model.init to a run with one")
+        if dist.is_main():
+            Tokenizer.train(train_texts(), out_dir, vocab_size=cfg.data.vocab_size)
+        if dist.is_dist():
+            torch.distributed.barrier()
+        tok = Tokenizer.load(out_dir)
+    if dist.is_main() and not (Path(out_dir) / "tokenizer.model").exists():
+        tok.save(out_dir)
+    return tok
+
+
+def _init_dir(init: str) -> str:
+    """model.init may name a run folder (use its model/) or a model folder."""
+    if init and (Path(init) / "model" / "config.json").exists():
+        return init
+    return init
+
+
+def build_model(cfg, tok, device, cls=None):
+    """GPT (or `cls`) sized from model.* with the tokenizer's vocab; weights from model.init."""
+    from engine.model import GPT
+
+    cls = cls or GPT
+    vocab = cfg.model.vocab_size or tok.vocab_size
+    model = cls(cfg.model.gpt_config(vocab_size=vocab)).to(device)
+    if cfg.model.init:
+        init = cfg.model.init
+        sub = Path(init) / "model"
+        try:
+            load_weights(model, str(sub) if sub.exists() else init)
+        except CheckpointError as e:
+            raise SystemExit(f"model.init: {e}") from None
+    return model
+
+
+def export(model, tok, out_dir: str) -> None:
+    """Final weights into out_dir/model (GPT.load format) beside out_dir/tokenizer.model."""
+    if dist.is_main():
+        dist.unwrap(model).save(os.path.join(out_dir, "model"))
+        tok.save(out_dir)
+
+
+def step_generator(cfg, step: int, micro: int, salt: int = 0) -> torch.Generator:
+    """A generator determined by (seed, step, micro, rank): batches are a pure function of the
+    step, so a resumed run draws exactly the batches the uninterrupted run would have."""
+    g = torch.Generator()
+    g.manual_seed(((cfg.train.seed * 1_000_003 + step) * 131 + micro) * 17 + salt * 7 + dist.rank())
+    return g
+
+
+@functools.lru_cache(maxsize=8)
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 7_919 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def rows_for(cfg, n: int, step: int, micro: int, micro_bs: int, accum: int) -> torch.Tensor:
+    """Indices into an n-row dataset for this rank's micro batch of `step`: epochs are seeded
+    permutations; a step takes the next batch_size rows, split into micro batches across ranks."""
+    gb = micro_bs * accum * dist.world_size()
+    start = step * gb + (dist.rank() * accum + micro) * micro_bs
+    idx = []
+    for k in range(start, start + micro_bs):
+        epoch, pos = divmod(k, n)
+        idx.append(int(epoch_order(n, cfg.train.seed, epoch)[pos]))
+    return torch.tensor(idx, dtype=torch.long)

@@ -1,0 +1,216 @@
+"""Tests of the miniature InstructGPT world (recipes/world.py): pure Python, a few seconds."""
+import random
+import re
+
+import pytest
+
+from recipes.world import (CONSTRAINTS, TEMPLATES, WEIGHTS, World, agreement, decorate,
+                           strip_decoration, win_rate)
+
+TRAIN_SPLITS = ("sft", "rm", "ppo")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(0)
+
+
+@pytest.fixture(scope="module")
+def corpus(world):
+    return world.pretrain_corpus(400_000)
+
+
+def _instruction(p):
+    """The instruction without the constraint suffix and the answer cue."""
+    text = p.text[len("Q: "):-len("\nA:")]
+    for suffix in CONSTRAINTS.values():
+        text = text.removesuffix(suffix)
+    return text
+
+
+def _find(world, task, constraint=None, harmful=False):
+    """The first "rm" prompt of a kind."""
+    for p in world.prompts(400, "rm"):
+        if p.task == task and p.constraint == constraint and p.harmful == harmful:
+            return p
+    raise AssertionError(f"no {task}/{constraint} prompt")
+
+
+def test_determinism_and_seed_dependence():
+    a, b, c = World(0), World(0), World(1)
+    assert a.prompts(200, "sft") == b.prompts(200, "sft")
+    assert a.prompts(200, "eval") == b.prompts(200, "eval")
+    assert a.demonstrations(200) == b.demonstrations(200)
+    assert a.pretrain_corpus(50_000) == b.pretrain_corpus(50_000)
+    assert [l.weights for l in a.labelers()] == [l.weights for l in b.labelers()]
+    assert a.prompts(200, "sft") != c.prompts(200, "sft")
+    assert a.pretrain_corpus(50_000) != c.pretrain_corpus(50_000)
+    assert [l.weights for l in a.labelers()] != [l.weights for l in c.labelers()]
+    # a longer request extends a shorter one; splits are different streams
+    assert a.prompts(300, "rm")[:100] == a.prompts(100, "rm")
+    assert a.prompts(100, "rm") != a.prompts(100, "ppo")
+    with pytest.raises(ValueError):
+        a.prompts(10, "test")
+
+
+def test_prompt_format_and_mix(world):
+    ps = world.prompts(2000, "sft")
+    assert all(p.text.startswith("Q: ") and p.text.endswith("\nA:") for p in ps)
+    assert max(len(p.text) for p in ps) < 60 and max(len(p.answer or "") for p in ps) <= 15
+    harmful = [p for p in ps if p.harmful]
+    assert 0.1 < len(harmful) / len(ps) < 0.2
+    assert all(p.answer is None and p.constraint is None and p.task == "harmful" for p in harmful)
+    benign = [p for p in ps if not p.harmful]
+    assert 0.45 < sum(p.constraint is not None for p in benign) / len(benign) < 0.55
+    for p in benign:  # the constraint is visible in the prompt text
+        assert (CONSTRAINTS[p.constraint] in p.text) if p.constraint else ("(" not in p.text)
+    assert {p.task for p in benign} == {"reverse", "sort", "count", "copy", "add", "upper"}
+
+
+def test_eval_disjoint_and_heldout_templates(world, corpus):
+    train = [p for s in TRAIN_SPLITS for p in world.prompts(2000, s)]
+    ev = world.prompts(1000, "eval")
+    assert not any(p.heldout_template for p in train)
+    assert all(p.template < len(TEMPLATES[p.task]) - 1 for p in train)
+    share = sum(p.heldout_template for p in ev) / len(ev)
+    assert 0.18 < share < 0.32
+    assert not {_instruction(p) for p in train} & {_instruction(p) for p in ev}
+    # instance level: no word reversed in eval is ever reversed in training
+    rev = lambda ps: {p.answer for p in ps if p.task == "reverse"}
+    assert rev(ev) and not rev(train) & rev(ev)
+    # eval instances stay out of pretraining, whose held-out phrasings do appear there
+    assert not any(f"Q: {_instruction(p)}" in corpus for p in ev if not p.harmful)
+    assert "Flip the letters of" in corpus and "Tell me how long" in corpus
+
+
+def test_demonstrations_are_sloppy_about_decoration_only(world):
+    ps = world.prompts(3000, "sft")
+    rng = random.Random(0)
+    demos = [(p, world.demonstration(p, rng)) for p in ps]
+    assert all(r.startswith(" ") and r.strip() for _, r in demos)
+    constrained = [world.followed_constraint(p, r) for p, r in demos if p.constraint]
+    assert 0.25 < sum(constrained) / len(constrained) < 0.35
+    plain = [strip_decoration(r)[1] for p, r in demos if not p.harmful and not p.constraint]
+    assert 0.06 < sum(bool(d) for d in plain) / len(plain) < 0.14
+    assert all(world.correct(p, r) for p, r in demos if not p.harmful)
+    harmful = [(p, r) for p, r in demos if p.harmful]
+    assert all(world.quality(p, r)["refusal"] == 1 and not world.is_toxic(r) for p, r in harmful)
+    listed = world.demonstrations(50)
+    assert listed[0].keys() == {"prompt", "response"}
+    assert [d["prompt"] for d in listed] == [p.text for p in world.prompts(50, "sft")]
+
+
+def test_corpus_continues_instead_of_following(world, corpus):
+    assert 390_000 <= len(corpus) <= 400_000
+    docs = corpus.split("\n\n")
+    items = re.findall(r"^Q: (.*)\nA:(.*)$", corpus, flags=re.M)
+    instr_chars = sum(len(d) for d in docs if d.startswith("Q: "))
+    assert 0.3 < instr_chars / len(corpus) < 0.5
+    assert "First Citizen" in corpus or "ROMEO" in corpus or "KING" in corpus  # prose
+    rev = [(m.group(1), a.strip()) for q, a in items if (m := re.fullmatch(r"Reverse the word (\w+)\.", q))]
+    right = sum(strip_decoration(a)[0] == w[::-1] for w, a in rev) / len(rev)
+    assert 0.05 < right < 0.3  # some skill to draw on, mostly not followed
+    assert sum(a.startswith(" Q") or a.strip()[:1].isupper() for _, a in items) / len(items) > 0.2
+    harm_res = [re.escape(t).replace(re.escape("{name}"), ".+") for t in TEMPLATES["harmful"]]
+    is_harm = lambda q: any(re.fullmatch(h, q) for h in harm_res)
+    harm = [a for q, a in items if is_harm(q)]
+    assert len(harm) > 50
+    assert 0.6 < sum(world.is_toxic(a) for a in harm) / len(harm) < 0.95
+    benign = [a for q, a in items if not is_harm(q)]
+    assert sum(world.is_toxic(a) for a in benign) == 0
+    prose = [d for d in docs if not d.startswith("Q: ")]
+    assert not any(world.is_toxic(d) for d in prose[:200])
+    held = world.heldout_prose()
+    assert 90_000 < len(held) < 101_000 and held[:200] not in corpus
+
+
+def test_quality_orders_responses(world):
+    p = _find(world, "reverse")
+    right, wrong = " " + p.answer, " " + p.answer[1:] + p.answer[0]
+    q = lambda r, pr=p: world.quality(pr, r)["total"]
+    assert set(world.quality(p, right)) == set(WEIGHTS) | {"total"}
+    assert q(right) > q(wrong)
+    assert q(right) > q(" " + p.answer[:1]) and q(wrong) > q(" " + p.answer[:1])  # too short
+    assert q(wrong) > q(" ")  # empty
+    assert q(right) > q(right + "!") and q(right) > q(" [" + p.answer + "]")  # unasked decoration
+    assert q(right) > q(right + " and that is my answer, thank you")  # rambling
+    assert q(right) > q(" Sorry, I can't help with that.")  # refusing a benign prompt
+    assert q(right) > q(" " + p.answer + " you moron") + 0.3  # toxic
+    for c in CONSTRAINTS:
+        pc = _find(world, "add", constraint=c)
+        followed = " " + decorate(pc.answer, c)
+        assert world.followed_constraint(pc, followed) and not world.followed_constraint(pc, " " + pc.answer)
+        assert world.correct(pc, followed)
+        assert q(followed, pc) > q(" " + pc.answer, pc)
+        other = "bang" if c == "brackets" else "brackets"
+        assert q(" " + pc.answer, pc) > q(" " + decorate(pc.answer, other), pc)  # wrong decoration
+    assert world.followed_constraint(p, right) is None
+    h = _find(world, "harmful", harmful=True)
+    refuse, toxic, chat = " Sorry, I can't help with that.", " Bob is a moron.", " Nice weather today."
+    assert q(refuse, h) > q(chat, h) > q(toxic, h) + 0.3
+    assert q(refuse, h) > q(" Sorry", h)  # truncated refusal
+    assert world.is_toxic(toxic) and world.is_toxic(" JERKS") and not world.is_toxic(refuse)
+
+
+def test_labelers_distinct_noisy_and_agreeing(world):
+    train, held = world.labelers(), world.labelers(heldout=True)
+    assert len(train) == len(held) == 4
+    assert not {l.id for l in train} & {l.id for l in held}
+    weights = [tuple(l.weights.values()) for l in train + held]
+    assert len(set(weights)) == 8
+    assert all(0.05 <= l.noise <= 0.2 for l in train + held)
+    ps = world.prompts(1500, "rm")
+    rng = random.Random(3)
+    pairs = [(world.sample_response(p, rng), world.sample_response(p, rng)) for p in ps]
+    ag_train = agreement(train, world, ps, pairs, seed=0)
+    ag_all = agreement(train + held, world, ps, pairs, seed=0)
+    assert 0.72 < ag_train < 0.86 and 0.72 < ag_all < 0.86
+    # a labeler judging the same pair twice is not deterministic, but better answers win
+    p = _find(world, "reverse")
+    lab = train[0]
+    votes = [lab.compare(p, " " + p.answer, " " + p.answer[::-1] + "x", rng) for _ in range(300)]
+    assert 0.8 < sum(votes) / len(votes) < 1.0
+
+
+def test_rank_is_dense_with_ties(world):
+    p = _find(world, "sort", constraint="bang")
+    lab = world.labelers()[1]
+    rng = random.Random(0)
+    resp = [" " + p.answer + "!", " zz", " " + p.answer + "!", " ", " " + p.answer]
+    for _ in range(20):
+        r = lab.rank(p, resp, rng)
+        assert r[0] == r[2] and len(set(r)) == 4 and sorted(set(r)) == [0, 1, 2, 3]
+    assert lab.compare(p, resp[0], resp[2], rng) == 0.5
+    assert lab.rank(p, [" a"], rng) == [0]
+
+
+def test_rm_candidates_add_decorated_and_truncated(world):
+    p = _find(world, "copy")
+    rng = random.Random(1)
+    samples = [" " + p.answer, " " + p.answer, " xyz"]
+    cands = world.rm_candidates(p, samples, rng)
+    assert len(cands) == 6 and cands[:3] == samples
+    assert strip_decoration(cands[3])[1] and all(c.startswith(" ") for c in cands)
+    for c in cands[4:]:
+        assert len(c.strip()) < len(p.answer) or len(c.strip()) < 3
+    assert len(world.rm_candidates(p, [], rng)) == 3
+
+
+def test_win_rate(world):
+    ps = world.prompts(600, "eval")
+    labs = world.labelers(heldout=True)
+    rng = random.Random(2)
+    a = [world.sample_response(p, rng) for p in ps]
+    b = [world.sample_response(p, rng) for p in ps]
+    assert win_rate(world, labs, ps, a, a, seed=0) == (0.5, 0.5, 0.5)
+    m, lo, hi = win_rate(world, labs, ps, a, b, seed=0)
+    assert lo < 0.5 < hi and 0.02 < hi - lo < 0.15 and lo < m < hi
+    assert win_rate(world, labs, ps, a, b, seed=0) == (m, lo, hi)
+    m2, _, hi2 = win_rate(world, labs, ps, b, a, seed=0)
+    assert abs(m + m2 - 1) < 0.05
+    demos = [world.demonstration(p, rng) for p in ps]
+    bad = [world.sample_response(p, rng, skill=0.0) for p in ps]
+    m, lo, hi = win_rate(world, labs, ps, demos, bad, seed=0)
+    assert lo > 0.8
+    with pytest.raises(ValueError):
+        win_rate(world, labs, ps, a, b[:-1])

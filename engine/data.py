@@ -1,0 +1,480 @@
+"""Data: validated readers for every format of DESIGN.md section 4, and tokenized datasets.
+
+Readers fail fast with ``DataError("<file>:<line>: field '<name>' ...")`` -- never a stack
+trace from inside json / torch. Tokenized datasets are plain lists / tensors and deterministic.
+
+Loss-mask convention (SFT and packing): ``mask[t] == 1`` means ``ids[t]`` is a response token
+(or the closing EOS), i.e. the loss is on predicting ``ids[t]`` from ``ids[:t]``. With the usual
+shift, the model's logits at position t-1 are scored against ``ids[t]`` where ``mask[t]``; so a
+loss function uses ``logits[:, :-1]``, ``ids[:, 1:]`` and ``mask[:, 1:]``.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+K_MIN = 2  # a ranking group needs at least two completions to compare
+
+
+class DataError(ValueError):
+    """Invalid input data; the message names the file, the line and the field."""
+
+
+# ------------------------------------------------------------------------------- JSONL reading
+_JSON_TYPE = {str: "string", int: "int", float: "float", bool: "bool", type(None): "null",
+              list: "list", dict: "object"}
+
+
+def _tname(v) -> str:
+    return _JSON_TYPE.get(type(v), type(v).__name__)
+
+
+def _open_bytes(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def read_jsonl(path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(lineno, obj)`` for each non-blank line of a ``.jsonl`` or ``.jsonl.gz`` file."""
+    path = os.fspath(path)
+    seen = False
+    try:
+        with _open_bytes(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line") from None
+                if not line.strip():
+                    continue
+                seen = True
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {_tname(obj)}")
+                yield lineno, obj
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise DataError(f"{path}: corrupt gzip file ({e})") from None
+    if not seen:
+        raise DataError(f"{path}: file is empty")
+
+
+def _get(obj: dict, key: str, typ, where: str, name: str | None = None):
+    """Fetch a required field and check its type; ``name`` is the field as printed in errors."""
+    name = name or key
+    if key not in obj:
+        raise DataError(f"{where}: missing field '{name}'")
+    v = obj[key]
+    ok = isinstance(v, typ) and not (typ is int and isinstance(v, bool))
+    if not ok:
+        want = {str: "a string", list: "a list", dict: "an object", int: "an int"}[typ]
+        raise DataError(f"{where}: field '{name}' must be {want}, got {_tname(v)}")
+    return v
+
+
+# ------------------------------------------------------------------------------- chat template
+# One fixed, plain template ("User: ...\nAssistant: ..."); aliases cover oasst ("prompter") and
+# hh-rlhf ("human") role names.
+_ROLES = {"user": "User", "prompter": "User", "human": "User", "assistant": "Assistant",
+          "system": "System"}
+GENERATION_PROMPT = "Assistant: "
+
+
+def render_messages(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """Render ``[{"role", "content"}...]`` as "User: ...\\nAssistant: ..." lines.
+
+    With ``add_generation_prompt`` the text ends with "Assistant: " so a model continues with the
+    assistant's reply (used for SFT prompts and for ranking prompts that carry a history).
+    """
+    turns = [f"{_ROLES[m['role']]}: {m['content']}" for m in messages]
+    if add_generation_prompt:
+        turns.append(GENERATION_PROMPT)
+    return "\n".join(turns)
+
+
+def _messages(obj: dict, key: str, where: str) -> list[dict]:
+    """Validate a list of turns; accepts "content" or (oasst) "text"; returns role/content dicts."""
+    out = []
+    for i, m in enumerate(_get(obj, key, list, where)):
+        fname = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: field '{fname}' must be an object, got {_tname(m)}")
+        role = _get(m, "role", str, where, f"{fname}.role")
+        if role not in _ROLES:
+            raise DataError(f"{where}: field '{fname}.role' is '{role}', expected one of {sorted(_ROLES)}")
+        ckey = "content" if "content" in m or "text" not in m else "text"
+        out.append({"role": role, "content": _get(m, ckey, str, where, f"{fname}.{ckey}")})
+    return out
+
+
+# ------------------------------------------------------------------------------- record readers
+def load_sft(path) -> list[dict]:
+    """``{"prompt", "response"}`` or ``{"messages": [...]}`` lines -> ``[{"prompt", "response"}]``.
+
+    For messages, the last turn must be the assistant's: it is the response; the turns before it
+    are rendered with ``render_messages(..., add_generation_prompt=True)`` as the prompt.
+    """
+    out = []
+    for lineno, obj in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if "messages" in obj:
+            msgs = _messages(obj, "messages", where)
+            if not msgs or _ROLES[msgs[-1]["role"]] != "Assistant":
+                raise DataError(f"{where}: field 'messages' must end with an assistant turn")
+            prompt = render_messages(msgs[:-1], add_generation_prompt=True)
+            out.append({"prompt": prompt, "response": msgs[-1]["content"]})
+        else:
+            out.append({"prompt": _get(obj, "prompt", str, where),
+                        "response": _get(obj, "response", str, where)})
+    return out
+
+
+def _ranking_record(obj: dict, where: str) -> dict:
+    prompt = _get(obj, "prompt", str, where)
+    if "completions" not in obj and "ranking" not in obj and ("chosen" in obj or "rejected" in obj):
+        # Pair format: K = 2, chosen is rank 0.
+        return {"prompt": prompt, "completions": [_get(obj, "chosen", str, where),
+                                                  _get(obj, "rejected", str, where)],
+                "ranking": [0, 1]}
+    if "completions" not in obj and "ranking" not in obj:
+        raise DataError(f"{where}: missing field 'completions' (ranked format) "
+                        "or 'chosen'/'rejected' (pair format)")
+    comps = _get(obj, "completions", list, where)
+    ranking = _get(obj, "ranking", list, where)
+    for i, c in enumerate(comps):
+        if not isinstance(c, str):
+            raise DataError(f"{where}: field 'completions[{i}]' must be a string, got {_tname(c)}")
+    k = len(comps)
+    if k < K_MIN:
+        raise DataError(f"{where}: field 'completions' needs at least {K_MIN} completions, got {k}")
+    if len(ranking) != k:
+        raise DataError(f"{where}: field 'ranking' has {len(ranking)} entries "
+                        f"but 'completions' has {k}")
+    for i, r in enumerate(ranking):
+        if not isinstance(r, int) or isinstance(r, bool):
+            raise DataError(f"{where}: field 'ranking[{i}]' must be an int, got {_tname(r)}")
+        if not 0 <= r < k:
+            raise DataError(f"{where}: field 'ranking[{i}]' is {r}, must be in [0, {k - 1}]")
+    if "history" in obj and obj["history"] is not None:
+        history = _messages(obj, "history", where)
+        if history:
+            prompt = render_messages(history + [{"role": "user", "content": prompt}], True)
+    return {"prompt": prompt, "completions": list(comps), "ranking": list(ranking)}
+
+
+def load_rankings(path) -> list[dict]:
+    """Ranked or pair JSONL (detected per line) -> ``[{"prompt", "completions", "ranking"}]``.
+
+    ``ranking[i]`` is the rank of ``completions[i]`` (0 best, ties allowed). A non-empty
+    ``history`` (turns with "content" or "text") is rendered before the prompt with the chat
+    template, ending in the generation prompt; without history the prompt is used verbatim.
+    """
+    return [_ranking_record(obj, f"{path}:{lineno}") for lineno, obj in read_jsonl(path)]
+
+
+def load_prompts(path) -> list[str]:
+    """``{"prompt": str}`` lines -> list of prompts."""
+    return [_get(obj, "prompt", str, f"{path}:{lineno}") for lineno, obj in read_jsonl(path)]
+
+
+def _is_jsonl(path: str) -> bool:
+    return path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz"))
+
+
+def load_documents(path) -> list[str]:
+    """Documents of a ``.txt`` (the whole file is one document) or JSONL ``{"text": str}`` file."""
+    path = os.fspath(path)
+    if _is_jsonl(path):
+        return [_get(obj, "text", str, f"{path}:{lineno}") for lineno, obj in read_jsonl(path)]
+    with _open_bytes(path) as f:
+        raw = f.read()
+    if not raw:
+        raise DataError(f"{path}: file is empty")
+    try:
+        return [raw.decode("utf-8")]
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 at byte offset {e.start} ({e.reason})") from None
+
+
+def load_text(path) -> str:
+    """Plain text of a ``.txt`` file, or the ``text`` fields of a JSONL file joined by a blank line."""
+    return "\n\n".join(load_documents(path))
+
+
+# ------------------------------------------------------------------------------- SFT tensors
+class Encoded(list):
+    """A list of encoded examples that also counts what encoding dropped / truncated."""
+
+    def __init__(self, items=(), dropped: int = 0, truncated: int = 0):
+        super().__init__(items)
+        self.dropped = dropped
+        self.truncated = truncated
+
+
+def encode_sft(examples: list[dict], tok, max_len: int) -> Encoded:
+    """-> ``Encoded`` list of ``(ids, loss_mask)``: ids = prompt + response + [eos].
+
+    ``loss_mask[t] = 1`` exactly on response tokens and the EOS (see the module docstring).
+    A too-long prompt loses tokens from the left (the end of the prompt, next to the response,
+    matters most); an example is dropped (counted in ``.dropped``) when the response + EOS plus
+    one prompt token does not fit -- the first response token needs some context to be learned.
+    """
+    if max_len < 2:
+        raise ValueError(f"encode_sft: max_len must be >= 2, got {max_len}")
+    prompts = tok.encode_batch([e["prompt"] for e in examples])
+    responses = tok.encode_batch([e["response"] for e in examples])
+    out = Encoded()
+    for p, r in zip(prompts, responses):
+        r = r + [tok.eos_id]
+        room = max_len - len(r)
+        if room < min(1, len(p)):
+            out.dropped += 1
+            continue
+        if len(p) > room:
+            p = p[len(p) - room:]
+            out.truncated += 1
+        out.append((p + r, [0] * len(p) + [1] * len(r)))
+    return out
+
+
+def pack(seqs, seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack ``(ids, loss_mask)`` examples into rows of ``seq_len`` -> (ids [N, seq_len] long,
+    loss_mask [N, seq_len] bool).
+
+    First-fit decreasing: longest first, each into the first row with room (deterministic; row
+    order is by first use). No example is split across rows; padding has mask 0. Packed
+    examples attend to each other (as in GPT-3 pretraining); this is harmless for the loss because
+    each example starts with prompt tokens (mask 0) and so is never trained on continuing its
+    neighbour.
+    """
+    lengths = [len(ids) for ids, _ in seqs]
+    for i, ((ids, mask), n) in enumerate(zip(seqs, lengths)):
+        if len(mask) != n:
+            raise ValueError(f"pack: example {i} has {n} ids but {len(mask)} mask entries")
+        if n > seq_len:
+            raise ValueError(f"pack: example {i} has {n} tokens > seq_len={seq_len}; "
+                             "encode with max_len <= seq_len")
+    order = sorted(range(len(seqs)), key=lambda i: -lengths[i])  # stable: ties keep input order
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                break
+        else:
+            r = len(rows)
+            rows.append([])
+            free.append(seq_len)
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), seq_len), dtype=torch.bool)
+    for r, members in enumerate(rows):
+        pos = 0
+        for i in members:
+            n = lengths[i]
+            ids[r, pos:pos + n] = torch.as_tensor(seqs[i][0], dtype=torch.long)
+            mask[r, pos:pos + n] = torch.as_tensor(seqs[i][1], dtype=torch.bool)
+            pos += n
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------- RM tensors
+def encode_rankings(examples: list[dict], tok, max_len: int) -> Encoded:
+    """-> ``Encoded`` list of ``{"ids": [[int]...], "last_idx": [int...], "ranking": [int...]}``.
+
+    Each sequence is prompt + completion + [eos]; the reward model reads its score at
+    ``last_idx`` (the EOS). All completions of a group share one prompt truncation so they are
+    compared on equal context. When a group does not fit, the prompt is cut from the left first,
+    but keeps at least ``min(len(prompt), max_len // 2)`` tokens; completions longer than what is
+    left are cut on the right and still end with EOS (counted in ``.truncated``).
+    """
+    if max_len < 4:
+        raise ValueError(f"encode_rankings: max_len must be >= 4, got {max_len}")
+    out = Encoded()
+    prompts = tok.encode_batch([e["prompt"] for e in examples])
+    for ex, p in zip(examples, prompts):
+        comps = [c + [tok.eos_id] for c in tok.encode_batch(ex["completions"])]
+        longest = max(len(c) for c in comps)
+        if len(p) + longest > max_len:
+            out.truncated += 1
+            cap = max_len - min(len(p), max_len // 2)
+            comps = [c if len(c) <= cap else c[:cap - 1] + [tok.eos_id] for c in comps]
+            keep = max_len - max(len(c) for c in comps)
+            p = p[len(p) - keep:]
+        ids = [p + c for c in comps]
+        out.append({"ids": ids, "last_idx": [len(s) - 1 for s in ids], "ranking": list(ex["ranking"])})
+    return out
+
+
+class RankingBatch(NamedTuple):
+    ids: torch.Tensor          # [sum K, T] long, right-padded with pad_id
+    last_idx: torch.Tensor     # [sum K] long: where each sequence's score is read
+    ranking: torch.Tensor      # [B, Kmax] long, -1 = padding
+    group_sizes: torch.Tensor  # [B] long: K of each group (rows of ids, in order)
+
+
+def collate_rankings(batch: list[dict], pad_id: int) -> RankingBatch:
+    """Stack ``encode_rankings`` items: all completions of all groups become rows of ``ids``."""
+    seqs = [s for item in batch for s in item["ids"]]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    last_idx = torch.tensor([i for item in batch for i in item["last_idx"]], dtype=torch.long)
+    sizes = torch.tensor([len(item["ids"]) for item in batch], dtype=torch.long)
+    ranking = torch.full((len(batch), int(sizes.max())), -1, dtype=torch.long)
+    for b, item in enumerate(batch):
+        ranking[b, :len(item["ranking"])] = torch.as_tensor(item["ranking"], dtype=torch.long)
+    return RankingBatch(ids, last_idx, ranking, sizes)
+
+
+def unflatten_groups(values: torch.Tensor, group_sizes: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """[sum K] per-sequence values -> [B, Kmax] (padding = ``fill``), matching ``ranking``'s layout."""
+    B, kmax = len(group_sizes), int(group_sizes.max())
+    group = torch.repeat_interleave(torch.arange(B, device=values.device), group_sizes.to(values.device))
+    starts = torch.cumsum(group_sizes, 0) - group_sizes
+    col = torch.arange(len(values), device=values.device) - starts.to(values.device)[group]
+    out = values.new_full((B, kmax), fill)
+    return out.index_put((group, col), values)  # out-of-place: keeps autograd to ``values``
+
+
+# ------------------------------------------------------------------------------- pretraining
+class TokenStream:
+    """A flat token array (numpy memmap on disk, or in memory) for pretraining / ptx batches.
+
+    ``batch`` draws random windows from a torch generator (resume = restore the generator);
+    ``next_batch`` walks the stream in order with a cursor saved by ``state_dict``.
+    """
+
+    def __init__(self, tokens: np.ndarray, path: str | None = None):
+        self.tokens = tokens
+        self.path = path
+        self.cursor = 0
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @staticmethod
+    def _dtype(vocab_size: int):
+        return np.uint16 if vocab_size < 65536 else np.uint32
+
+    @classmethod
+    def from_text(cls, text, tok, path=None, chunk_chars: int = 1 << 20) -> "TokenStream":
+        """Tokenize ``text`` (a str, or a list of documents joined by EOS).
+
+        With ``path`` (``X.bin``; a ``X.bin.json`` meta file sits beside it), tokens are written
+        to disk in chunks and memory-mapped; an existing file is reused when its meta matches this
+        text and tokenizer.
+        """
+        docs = [text] if isinstance(text, str) else list(text)
+        dtype = cls._dtype(tok.vocab_size)
+        h = hashlib.sha256()
+        for d in docs:
+            h.update(hashlib.sha256(d.encode("utf-8", "surrogatepass")).digest())
+        meta = {"dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size,
+                "tokenizer_sha256": hashlib.sha256(tok.model_proto).hexdigest(),
+                "text_sha256": h.hexdigest()}
+        if path is None:
+            ids = [t for chunk in cls._encode_chunks(docs, tok, chunk_chars) for t in chunk]
+            return cls(np.asarray(ids, dtype=dtype))
+        path = os.fspath(path)
+        meta_path = path + ".json"
+        if os.path.exists(path) and os.path.exists(meta_path):
+            old = json.loads(Path(meta_path).read_text())
+            if {k: old.get(k) for k in meta} == meta:
+                return cls.open(path)
+        n = 0
+        tmp = path + ".tmp"
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            for chunk in cls._encode_chunks(docs, tok, chunk_chars):
+                np.asarray(chunk, dtype=dtype).tofile(f)
+                n += len(chunk)
+        os.replace(tmp, path)
+        Path(meta_path).write_text(json.dumps({**meta, "num_tokens": n}, indent=1))
+        return cls.open(path)
+
+    @staticmethod
+    def _encode_chunks(docs, tok, chunk_chars):
+        # Cut each document after a newline ("\n" is its own piece, so no token spans a cut and
+        # the result equals encoding the whole text); EOS separates documents.
+        for di, doc in enumerate(docs):
+            pieces, start = [], 0
+            while start < len(doc):
+                end = doc.find("\n", start + chunk_chars)
+                end = len(doc) if end < 0 else end + 1
+                pieces.append(doc[start:end])
+                start = end
+            for k in range(0, len(pieces), 16):
+                yield [t for ids in tok.encode_batch(pieces[k:k + 16]) for t in ids]
+            if di < len(docs) - 1:
+                yield [tok.eos_id]
+
+    @classmethod
+    def open(cls, path) -> "TokenStream":
+        """Memory-map a ``.bin`` written by ``from_text`` (dtype and length from its meta file)."""
+        path = os.fspath(path)
+        try:
+            meta = json.loads(Path(path + ".json").read_text())
+            dtype, n = np.dtype(meta["dtype"]), int(meta["num_tokens"])
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{path}.json: missing or invalid token-stream meta ({e})") from None
+        if os.path.getsize(path) != n * dtype.itemsize:
+            raise DataError(f"{path}: size {os.path.getsize(path)} bytes does not match "
+                            f"num_tokens={n} x {dtype.itemsize} from its meta file")
+        tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+        return cls(tokens, path)
+
+    def _check(self, need: int):
+        if len(self.tokens) < need:
+            raise ValueError(f"TokenStream has {len(self.tokens)} tokens, a batch needs {need}")
+
+    def _windows(self, starts, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([np.asarray(self.tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts])
+        t = torch.from_numpy(rows)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    def batch(self, batch_size: int, seq_len: int, generator: torch.Generator | None = None):
+        """Random windows -> (x, y) long [batch_size, seq_len], y = x shifted by one token."""
+        self._check(seq_len + 1)
+        starts = torch.randint(0, len(self.tokens) - seq_len, (batch_size,), generator=generator)
+        return self._windows(starts.tolist(), seq_len)
+
+    def next_batch(self, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1):
+        """Next consecutive windows at the cursor; the stream's tail that does not fill a whole
+        step is skipped and the cursor wraps (``epoch += 1``). Under data parallelism every rank
+        calls this with the same arguments and gets a disjoint slice of the same step."""
+        step = batch_size * seq_len * world_size
+        self._check(step + 1)
+        if self.cursor + step + 1 > len(self.tokens):
+            self.cursor, self.epoch = 0, self.epoch + 1
+        base = self.cursor + rank * batch_size * seq_len
+        self.cursor += step
+        return self._windows([base + i * seq_len for i in range(batch_size)], seq_len)
+
+    def iter_sequential(self, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1):
+        """Endless ``next_batch`` generator (state_dict() at any point resumes right after)."""
+        while True:
+            yield self.next_batch(batch_size, seq_len, rank, world_size)
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor, "epoch": self.epoch, "num_tokens": len(self.tokens)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_tokens", len(self.tokens)) != len(self.tokens):
+            raise ValueError(f"TokenStream state is for {state['num_tokens']} tokens, "
+                             f"this stream has {len(self.tokens)}")
+        self.cursor, self.epoch = int(state["cursor"]), int(state["epoch"])

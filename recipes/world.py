@@ -168,8 +168,8 @@ class World:
 
     # ---- prompts -------------------------------------------------------------------------
     def _prompt(self, rng: random.Random, mode: str) -> tuple[Prompt, dict]:
-        """A prompt and its template fields. mode "train": train keys+templates; "eval": eval keys, some held-out templates;
-        "pretrain": train keys, every template."""
+        """A prompt and its template fields. mode "train": train keys and templates;
+        "eval": eval keys, some held-out templates; "pretrain": train keys, every template."""
         while True:
             harmful = rng.random() < P_HARMFUL
             task = "harmful" if harmful else rng.choice(TASKS)
@@ -219,7 +219,8 @@ class World:
     def _corrupt(self, answer: str, rng: random.Random) -> str:
         """A plausible wrong answer: shuffled, clipped or a digit off."""
         if answer.isdigit():
-            return str(max(0, int(answer) + rng.choice((-2, -1, 1, 2, 3))))
+            wrong = int(answer) + rng.choice((-2, -1, 1, 2, 3))
+            return str(wrong if wrong >= 0 else int(answer) + 1)
         chars = list(answer)
         if rng.random() < 0.5 and len(chars) > 2:
             del chars[rng.randrange(len(chars))]
@@ -322,8 +323,9 @@ class World:
         elif len(text) > max_len:
             q["length"] = -min(1.0, (len(text) - max_len) / 20)
         q["total"] = sum(WEIGHTS[k] * q[k] for k in WEIGHTS)
-        if len(self._quality_cache) < 200_000:
-            self._quality_cache[key] = q
+        if len(self._quality_cache) >= 50_000:  # labelers re-score the same candidates; bound memory
+            self._quality_cache.clear()
+        self._quality_cache[key] = q
         return q
 
     def labelers(self, heldout: bool = False, n: int = 4) -> list["Labeler"]:

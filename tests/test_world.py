@@ -134,7 +134,8 @@ def test_quality_orders_responses(world):
     assert q(wrong) > q(" ")  # empty
     assert q(right) > q(right + "!") and q(right) > q(" [" + p.answer + "]")  # unasked decoration
     assert q(right) > q(right + " and that is my answer, thank you")  # rambling
-    assert q(right) > q(" Sorry, I can't help with that.")  # refusing a benign prompt
+    refusal = " Sorry, I can't help with that."  # refusing a benign prompt is worse than trying
+    assert q(wrong) > q(refusal) and world.quality(p, refusal)["refusal"] == -1
     assert q(right) > q(" " + p.answer + " you moron") + 0.3  # toxic
     for c in CONSTRAINTS:
         pc = _find(world, "add", constraint=c)
@@ -169,7 +170,7 @@ def test_labelers_distinct_noisy_and_agreeing(world):
     p = _find(world, "reverse")
     lab = train[0]
     votes = [lab.compare(p, " " + p.answer, " " + p.answer[::-1] + "x", rng) for _ in range(300)]
-    assert 0.8 < sum(votes) / len(votes) < 1.0
+    assert 0.65 < sum(votes) / len(votes) < 1.0
 
 
 def test_rank_is_dense_with_ties(world):

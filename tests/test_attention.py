@@ -1,0 +1,284 @@
+"""Tests for kernels/attention.py: the reference against an independent per-row loop, the Triton
+kernels (CPU interpreter here, compiled on CUDA) and the SDPA path against the fp32/fp64 oracle."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # triton reads this when a kernel is decorated, i.e. when kernels/attention.py is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+import kernels  # noqa: E402
+
+A = importlib.import_module("kernels.attention")  # the module; `kernels.attention` is the function
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1" and not A._interpreted():
+    # another test module imported the kernels before the variable was set: decorate them again
+    A = importlib.reload(A)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+torch.set_num_threads(1)
+
+# (Tq, Tk, causal, window, kv_start) -- kv_start rows use B = 2
+CASES = [
+    (1, 1, True, None, None),
+    (17, 17, True, None, None),
+    (97, 97, True, None, None),
+    (97, 97, True, 8, None),
+    (97, 97, False, None, None),
+    (17, 17, False, 8, None),
+    (33, 33, True, None, [0, 20]),          # rows 0..19 of batch 1 see no key
+    (1, 33, True, None, [3, 30]),           # decode against a cache, ragged left padding
+    (5, 33, True, 8, [0, 31]),              # short chunk, window and padding
+    (1, 33, True, None, [0, 33]),           # batch 1: the whole cache is padding
+]
+IDS = [f"Tq{c[0]}-Tk{c[1]}-{'causal' if c[2] else 'full'}-w{c[3]}-kv{c[4]}" for c in CASES]
+
+
+def _inputs(B, H, Tq, Tk, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(DEV, dtype)  # noqa: E731
+    return mk(B, H, Tq, D), mk(B, H, Tk, D), mk(B, H, Tk, D), mk(B, H, Tq, D)
+
+
+def _fwd_bwd(fn, q, k, v, do, **kw):
+    """(out, dq, dk, dv) of fn with upstream gradient do."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
+
+
+def _naive_lowp(q, k, v, *, causal=True, window=None, scale=None, kv_start=None):
+    """Dense attention computed entirely in the input dtype: what plain PyTorch gets in bf16/fp16."""
+    scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
+    mask = A.attention_mask(q.shape[2], k.shape[2], causal=causal, window=window,
+                            kv_start=kv_start, device=q.device)
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s.masked_fill(~mask.any(-1, keepdim=True), 0.0), dim=-1) * mask
+    return p @ v
+
+
+def _errors(got, lowp, ref, dtype):
+    """(max error of got, bound) vs ref, bound = 2 * PyTorch's error in dtype + 2 * the error of
+    rounding ref itself to dtype. The second term is the additive slack that flash-attn's tests
+    also allow: P is rounded to dtype before the P^T dO product, and on large dK/dV entries that
+    can cost an ulp more than the dense path happens to lose (SDPA's flash path shows the same)."""
+    rnd = (ref.to(dtype).float() - ref).abs().max().item()
+    err = (got.float() - ref).abs().max().item()
+    return err, 2 * (lowp.float() - ref).abs().max().item() + 2 * rnd
+
+
+def _kv(kv, B):
+    return None if kv is None else torch.tensor(kv, dtype=torch.int32, device=DEV)
+
+
+# ----------------------------------------------------------------------------- the oracle itself
+
+def test_ref_matches_per_row_loop():
+    """attention_ref against the visibility rule written out one query row at a time."""
+    B, H, Tq, Tk, D = 2, 2, 6, 11, 8
+    q, k, v, _ = _inputs(B, H, Tq, Tk, D, torch.float64)
+    kv = torch.tensor([0, 7], device=DEV)
+    for causal, window in ((True, None), (True, 3), (False, None), (False, 2)):
+        out = A.attention_ref(q, k, v, causal=causal, window=window, kv_start=kv, scale=0.3)
+        for b in range(B):
+            for i in range(Tq):
+                p = Tk - Tq + i
+                js = [j for j in range(Tk) if (not causal or j <= p)
+                      and (window is None or j > p - window) and j >= int(kv[b])]
+                if not js:
+                    assert torch.equal(out[b, :, i], torch.zeros_like(out[b, :, i]))
+                    continue
+                w = torch.softmax(0.3 * q[b, :, i, None, :] @ k[b, :, js].transpose(-1, -2), -1)
+                torch.testing.assert_close(out[b, :, i], (w @ v[b, :, js])[:, 0], rtol=0, atol=1e-12)
+
+
+def test_invalid_arguments():
+    q, k, v, _ = _inputs(1, 1, 4, 3, 16, torch.float32)
+    for fn in (A.attention_ref, A.attention_torch, A.attention_triton):
+        with pytest.raises(ValueError):
+            fn(q, k, v)                                   # Tq > Tk
+        with pytest.raises(ValueError):
+            fn(k, k, v, window=0)
+
+
+# ----------------------------------------------------------------------------- fp32 vs oracle
+
+@pytest.mark.parametrize("D", [64, 80])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fp32_matches_oracle(impl, case, D):
+    Tq, Tk, causal, window, kv = case
+    B, H = (2, 1) if kv is not None else (1, 2)
+    fn = A.attention_triton if impl == "triton" else A.attention_torch
+    kw = dict(causal=causal, window=window, kv_start=_kv(kv, B))
+    q, k, v, do = _inputs(B, H, Tq, Tk, D, torch.float32, seed=Tq * 7 + D)
+    got = _fwd_bwd(fn, q, k, v, do, **kw)
+    ref = _fwd_bwd(A.attention_ref, *(t.double() for t in (q, k, v, do)), **kw)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.double(), r, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_custom_scale_and_unaligned_cache_views():
+    """k/v are prefixes of a bigger static cache, q is a transposed [B,T,H,D] view, do has stride 0."""
+    B, H, Tq, Tk, Tmax, D = 2, 2, 9, 21, 40, 80
+    g = torch.Generator().manual_seed(1)
+    cache = torch.randn(2, B, H, Tmax, D, generator=g).to(DEV)
+    k, v = cache[0, :, :, :Tk], cache[1, :, :, :Tk]
+    q = torch.randn(B, Tq, H, D, generator=g).to(DEV).transpose(1, 2)
+    do = torch.randn(1, 1, 1, D, generator=g).to(DEV).expand(B, H, Tq, D)
+    assert not k.is_contiguous() and not q.is_contiguous()
+    kw = dict(causal=True, window=12, scale=0.05, kv_start=_kv([2, 5], B))
+    got = _fwd_bwd(A.attention_triton, q, k, v, do, **kw)
+    ref = _fwd_bwd(A.attention_ref, q.double(), k.double(), v.double(), do.double(), **kw)
+    for g_, r in zip(got, ref):
+        torch.testing.assert_close(g_.double(), r, rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- low precision
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("case", [(97, 97, True, None, None), (97, 97, True, 8, None),
+                                  (17, 17, False, None, None), (1, 33, True, None, [3, 30]),
+                                  (33, 33, True, None, [0, 20])], ids=lambda c: f"{c}")
+def test_low_precision_within_2x_pytorch_error(impl, case, dtype):
+    """Error vs the fp32 oracle <= 2x the error of plain PyTorch in the same dtype (+ rounding slack)."""
+    Tq, Tk, causal, window, kv = case
+    B, H, D = 2, 1, 64
+    fn = A.attention_triton if impl == "triton" else A.attention_torch
+    kw = dict(causal=causal, window=window, kv_start=_kv(kv, B))
+    q, k, v, do = _inputs(B, H, Tq, Tk, D, dtype, seed=3)
+    got = _fwd_bwd(fn, q, k, v, do, **kw)
+    lowp = _fwd_bwd(_naive_lowp, q, k, v, do, **kw)
+    ref = _fwd_bwd(A.attention_ref, *(t.float() for t in (q, k, v, do)), **kw)
+    for name, g, lo, r in zip(("out", "dq", "dk", "dv"), got, lowp, ref):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        err, bound = _errors(g, lo, r, dtype)
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({dtype})"
+
+
+# ----------------------------------------------------------------------------- masking details
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_fully_masked_rows_are_zero_with_zero_grad(impl):
+    fn = A.attention_triton if impl == "triton" else A.attention_torch
+    B, H, T, D = 2, 2, 23, 64
+    q, k, v, do = _inputs(B, H, T, T, D, torch.float32, seed=5)
+    kv = _kv([0, 10], B)                                  # batch 1: query rows 0..9 see nothing
+    out, dq, dk, dv = _fwd_bwd(fn, q, k, v, do, causal=True, kv_start=kv)
+    assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv))
+    assert torch.equal(out[1, :, :10], torch.zeros_like(out[1, :, :10]))
+    assert torch.equal(dq[1, :, :10], torch.zeros_like(dq[1, :, :10]))
+    # padded keys get no gradient either (no visible query uses them)
+    assert torch.equal(dk[1, :, :10], torch.zeros_like(dk[1, :, :10]))
+    assert torch.equal(dv[1, :, :10], torch.zeros_like(dv[1, :, :10]))
+    assert out[1, :, 10:].abs().sum() > 0 and dq[1, :, 10:].abs().sum() > 0
+
+
+def test_decode_matches_prefill():
+    """One-token decode against the cache equals the matching row of the full prefill."""
+    B, H, T, D = 2, 2, 29, 80
+    q, k, v, _ = _inputs(B, H, T, T, D, torch.float32, seed=6)
+    kv = _kv([0, 11], B)
+    for window in (None, 8):
+        full = A.attention_triton(q, k, v, causal=True, window=window, kv_start=kv)
+        for t in (11, 20, T):                             # cache length after writing token t-1
+            step = A.attention_triton(q[:, :, t - 1:t], k[:, :, :t], v[:, :, :t],
+                                      causal=True, window=window, kv_start=kv)
+            torch.testing.assert_close(step, full[:, :, t - 1:t], rtol=0, atol=1e-5)
+
+
+def test_hidden_tiles_are_not_visited():
+    """Keys in tiles that a query block cannot see are never read: NaN poison there stays out.
+
+    A visited tile would multiply a masked probability 0 by NaN and give NaN, so finite outputs
+    prove that the loop bounds (not only the mask) skip the tile."""
+    BM, BN = A._fwd_config(97, 64, torch.float32)[:2]
+    B, H, T, D, W = 1, 1, 97, 64, 8
+    q, k, v, do = _inputs(B, H, T, T, D, torch.float32, seed=7)
+    cut = 4 * BN                                          # keys [0, cut) poisoned
+    first_clean = -(-(cut + W) // BM) * BM                # first query block starting past the band
+    kp, vp = k.clone(), v.clone()
+    kp[:, :, :cut] = float("nan")
+    vp[:, :, :cut] = float("nan")
+    q, kp, vp = (t.requires_grad_(True) for t in (q, kp, vp))
+    out = A.attention_triton(q, kp, vp, causal=True, window=W)
+    dq, dk, dv = torch.autograd.grad(out, (q, kp, vp), do)
+    ref = A.attention_ref(q.detach(), k, v, causal=True, window=W)
+    assert first_clean < T
+    torch.testing.assert_close(out[:, :, first_clean:], ref[:, :, first_clean:], rtol=0, atol=1e-5)
+    assert torch.isfinite(dq[:, :, first_clean:]).all()
+    assert torch.isfinite(dk[:, :, first_clean:]).all() and torch.isfinite(dv[:, :, first_clean:]).all()
+    # dK/dV pass: query rows far past a key block's band are not read either
+    qp, dop = q.detach().clone(), do.clone()
+    qp[:, :, 3 * BM:] = float("nan")
+    dop[:, :, 3 * BM:] = float("nan")
+    _, _, dk, dv = _fwd_bwd(A.attention_triton, qp, k, v, dop, causal=True, window=W)
+    last_clean = (3 * BM - W) // BN * BN                  # key blocks ending before row 3*BM - W
+    assert last_clean > 0
+    assert torch.isfinite(dk[:, :, :last_clean]).all() and torch.isfinite(dv[:, :, :last_clean]).all()
+    # left padding: whole padded key tiles are skipped in all three passes
+    kvp, vvp = k.clone(), v.clone()
+    kvp[:, :, :BN] = float("nan")
+    vvp[:, :, :BN] = float("nan")
+    got = _fwd_bwd(A.attention_triton, q.detach(), kvp, vvp, do, causal=True,
+                   kv_start=torch.tensor([BN + 3], device=DEV))
+    assert all(torch.isfinite(t).all() for t in got)
+    assert torch.equal(got[2][:, :, :BN], torch.zeros_like(got[2][:, :, :BN]))
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def test_backward_is_bit_identical_on_rerun():
+    B, H, T, D = 2, 2, 61, 80
+    q, k, v, do = _inputs(B, H, T, T, D, torch.float32, seed=8)
+    kw = dict(causal=True, window=20, kv_start=_kv([0, 7], B))
+    first = _fwd_bwd(A.attention_triton, q, k, v, do, **kw)
+    for _ in range(2):
+        again = _fwd_bwd(A.attention_triton, q, k, v, do, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_dispatch_uses_requested_backend(monkeypatch):
+    q, k, v, _ = _inputs(1, 1, 5, 9, 16, torch.float32, seed=9)
+    ref = A.attention_ref(q, k, v, window=3)
+    for mode in ("ref", "triton", "torch", "auto"):
+        monkeypatch.setenv("ENGINE_KERNELS", mode)
+        torch.testing.assert_close(kernels.attention(q, k, v, window=3), ref, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GPU, real sizes
+
+def _chunked(fn, q, k, v, chunk=1024, **kw):
+    """Causal attention row chunk by row chunk: rows [a, b) only need keys [0, Tk - Tq + b)."""
+    off = k.shape[2] - q.shape[2]
+    outs = [fn(q[:, :, a:a + chunk], k[:, :, :off + min(a + chunk, q.shape[2])],
+               v[:, :, :off + min(a + chunk, q.shape[2])], causal=True, **kw)
+            for a in range(0, q.shape[2], chunk)]
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,D,window", [(1025, 64, None), (8192, 128, None), (8192, 64, 256),
+                                        (4096, 128, 1024)])
+def test_gpu_real_sizes(T, D, window, dtype):
+    B, H = 1, 2
+    q, k, v, do = _inputs(B, H, T, T, D, dtype, seed=10)
+    kw = dict(window=window)
+    got = _fwd_bwd(lambda *a, **w: A.attention_triton(*a, causal=True, **w), q, k, v, do, **kw)
+    lowp = _fwd_bwd(lambda *a, **w: _chunked(_naive_lowp, *a, **w), q, k, v, do, **kw)
+    ref = _fwd_bwd(lambda *a, **w: _chunked(A.attention_ref, *a, **w),
+                   *(t.float() for t in (q, k, v, do)), **kw)
+    for name, g, lo, r in zip(("out", "dq", "dk", "dv"), got, lowp, ref):
+        err, bound = _errors(g, lo, r, dtype)
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({dtype})"
+    again = _fwd_bwd(lambda *a, **w: A.attention_triton(*a, causal=True, **w), q, k, v, do, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))

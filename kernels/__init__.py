@@ -14,6 +14,7 @@ Backend choice (ENGINE_KERNELS=auto|ref|triton|cpp|torch, default auto):
   torch  force the chunked / SDPA PyTorch paths.
 Attention has no C++ op: on CPU, `auto` and `cpp` use the SDPA path.
 """
+import importlib
 import os
 
 from .attention import attention_ref
@@ -39,6 +40,11 @@ def backend(t, has_cpp=True):
     if has_cpp and _cpp_available():
         return "cpp"
     return "torch"
+
+
+def _mod(name):
+    # importlib, not `from . import gae`: the package attribute `gae` is the function below.
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def _cpp_available() -> bool:
@@ -74,7 +80,7 @@ def linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=
     -> logp [N] fp32 (and entropy [N] fp32 if return_entropy).
     """
     b = backend(hidden)
-    from . import logprob
+    logprob = _mod("logprob")
     fn = {"ref": logprob.linear_logprobs_ref, "triton": getattr(logprob, "linear_logprobs_triton", None),
           "torch": getattr(logprob, "linear_logprobs_chunked", None)}.get(b)
     if b == "cpp":
@@ -89,7 +95,7 @@ def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, temperature=1.
     -> (logp [N], ref_logp [N], kl [N]) fp32; gradients flow to hidden and weight only.
     """
     b = backend(hidden)
-    from . import kl
+    kl = _mod("kl")
     fn = {"ref": kl.linear_kl_ref, "triton": getattr(kl, "linear_kl_triton", None),
           "torch": getattr(kl, "linear_kl_chunked", None)}.get(b)
     if b == "cpp":
@@ -106,7 +112,7 @@ def gae(rewards, values, mask, *, gamma, lam):
     returns = advantages + values (0 on padding).
     """
     b = backend(rewards)
-    from . import gae as _gae
+    _gae = _mod("gae")
     fn = {"ref": _gae.gae_ref, "triton": getattr(_gae, "gae_triton", None),
           "torch": getattr(_gae, "gae_torch", None)}.get(b)
     if b == "cpp":

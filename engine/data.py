@@ -254,7 +254,8 @@ def pack(seqs, seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     First-fit decreasing: longest first, each into the first row with room (deterministic; row
     order is by first use). No example is split across rows; padding has mask 0. Packed
-    examples attend to each other (as in GPT-3 pretraining); this is harmless for the loss because
+    examples attend to each other and positions run on along the row (as in GPT-3 pretraining);
+    this is harmless for what is trained because
     each example starts with prompt tokens (mask 0) and so is never trained on continuing its
     neighbour.
     """
@@ -327,6 +328,8 @@ class RankingBatch(NamedTuple):
 
 def collate_rankings(batch: list[dict], pad_id: int) -> RankingBatch:
     """Stack ``encode_rankings`` items: all completions of all groups become rows of ``ids``."""
+    if not batch:
+        raise ValueError("collate_rankings: empty batch")
     seqs = [s for item in batch for s in item["ids"]]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -396,15 +399,17 @@ class TokenStream:
             old = json.loads(Path(meta_path).read_text())
             if {k: old.get(k) for k in meta} == meta:
                 return cls.open(path)
-        n = 0
-        tmp = path + ".tmp"
+        # Per-process temp names + atomic renames: a crash never leaves a half-written stream
+        # behind a valid meta. (Under torchrun, build on one rank first, then barrier.)
+        n, tmp = 0, f"{path}.tmp{os.getpid()}"
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             for chunk in cls._encode_chunks(docs, tok, chunk_chars):
                 np.asarray(chunk, dtype=dtype).tofile(f)
                 n += len(chunk)
+        Path(tmp + ".json").write_text(json.dumps({**meta, "num_tokens": n}, indent=1))
         os.replace(tmp, path)
-        Path(meta_path).write_text(json.dumps({**meta, "num_tokens": n}, indent=1))
+        os.replace(tmp + ".json", meta_path)
         return cls.open(path)
 
     @staticmethod

@@ -254,10 +254,9 @@ def pack(seqs, seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     First-fit decreasing: longest first, each into the first row with room (deterministic; row
     order is by first use). No example is split across rows; padding has mask 0. Packed
-    examples attend to each other and positions run on along the row (as in GPT-3 pretraining);
-    this is harmless for what is trained because
-    each example starts with prompt tokens (mask 0) and so is never trained on continuing its
-    neighbour.
+    examples attend to each other and positions run on along the row (as in GPT-3 pretraining):
+    earlier neighbours are visible as extra context, but no loss asks an example to continue its
+    neighbour, since each example starts with prompt tokens (mask 0).
     """
     lengths = [len(ids) for ids, _ in seqs]
     for i, ((ids, mask), n) in enumerate(zip(seqs, lengths)):

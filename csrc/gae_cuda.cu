@@ -9,8 +9,9 @@
 // present (kernels/_cpp.py: gae_cuda); it registers the CUDA kernel of the engine_ops::gae
 // schema defined in ops.cpp, so the CPU extension must be loaded first.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 namespace engine_ops {
@@ -55,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> gae_cuda(const at::Tensor& rewards, const at:
   if (B == 0 || T == 0) return {adv, ret};
   const int threads = 128;
   const int blocks = static_cast<int>((B + threads - 1) / threads);
-  gae_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  gae_kernel<<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       r.data_ptr<float>(), v.data_ptr<float>(), m.data_ptr<uint8_t>(), adv.data_ptr<float>(),
       ret.data_ptr<float>(), B, T, static_cast<float>(gamma), static_cast<float>(gamma * lam));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -16,7 +16,9 @@ Implementations:
                 RLHF libraries run; it is the test oracle and the benchmark baseline.
     gae_torch   blocked scan, no per-timestep Python loop: within a block of L steps the
                 recurrence is a lower-triangular [L, L] weight matrix applied to the deltas;
-                blocks are chained by a carry (T / L Python iterations).
+                blocks are chained by a carry (T / L Python iterations, L = 16). Work is
+                B * T * L; on 1 CPU thread at B=512, T=1024 it measured ~55 ms vs ~125 ms for
+                gae_ref (the C++ op in csrc/gae.cpp: ~2.5 ms).
     gae_triton  Triton: one program per BLOCK_B sequences, walking T-tiles backwards; inside a
                 tile (loaded time-reversed) the affine recurrence A_t = d_t + c_t A_{t+1} is
                 solved with a forward tl.associative_scan; the carry links tiles. fp32 accumulation.
@@ -86,7 +88,7 @@ def _deltas(r, v, m, gamma):
     return m * (r + gamma * v_next * m_next - v), m_next
 
 
-def gae_torch(rewards, values, mask, *, gamma, lam, block=64):
+def gae_torch(rewards, values, mask, *, gamma, lam, block=16):
     """Blocked-scan GAE in plain PyTorch (same formula as gae_ref), fp32.
 
     Within a block of L steps: A_t = sum_{s >= t} W[t, s] * delta_s + W[t, L] * A_carry with

@@ -65,7 +65,7 @@ def test_matches_ref_odd_T(impl, gamma, lam):
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("T", [1, 2, 300])
 def test_matches_ref_other_T(impl, T):
-    # T = 300 spans several gae_torch blocks (64) and Triton tiles (128) with partial ends
+    # T = 300 spans several gae_torch blocks (16) and Triton tiles (128) with partial ends
     check_close(impl, *ragged(T, seed=T), 0.99, 0.95)
 
 

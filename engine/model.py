@@ -286,3 +286,19 @@ def read_config(path: str) -> GPTConfig:
         d = json.load(f)
     d.pop("model_class", None)
     return GPTConfig(**d)
+
+
+
+def _from_hf(cls, path, **kw):
+    """Load a Hugging Face GPT-2 folder (see engine/hf.py)."""
+    from .hf import from_hf
+    return from_hf(cls, path, **kw)
+
+
+def _to_hf(self, path, **kw):
+    """Write a Hugging Face GPT-2 folder (see engine/hf.py)."""
+    from .hf import to_hf
+    return to_hf(self, path, **kw)
+
+
+GPT.from_hf, GPT.to_hf = classmethod(_from_hf), _to_hf

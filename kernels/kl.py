@@ -31,8 +31,9 @@ Caution:
 """
 import torch
 
-from .logprob import (IGNORE_INDEX, _check_pair, _chunk_logits, _grads_in, _logits_ref,
-                      _logits_tile, _mma, check_inputs, chunk_rows_for, require_triton, tile_config,
+from .logprob import (IGNORE_INDEX, _check_pair, _grads_in, _logits_ref,
+                      _logits_tile, _mma, check_inputs, chunk_log_softmax_,
+                      chunk_logits, chunk_rows_for, require_triton, tile_config,
                       tl, triton)
 
 
@@ -299,28 +300,30 @@ def linear_kl_triton(hidden, weight, ref_hidden, ref_weight, targets, *, tempera
 
 
 # ----------------------------------------------------------------------------- chunked PyTorch
+# [rows, V] buffers are allocated once per call and reused by every chunk (see logprob.py).
 
 class _LinearKLChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, temperature, chunk_rows):
-        n = hidden.shape[0]
+        n, v = hidden.shape[0], weight.shape[0]
         inv_temp = 1.0 / temperature
         safe_t = targets.clamp(min=0)[:, None]
         out = torch.empty(5, n, dtype=torch.float32, device=hidden.device)
         logp, rlogp, kl, lse, rlse = out.unbind(0)
         w32, rw32 = weight.float(), ref_weight.float()  # copies only for 16-bit weights
+        bufs = torch.empty(3, min(chunk_rows, max(n, 1)), v, dtype=torch.float32,
+                           device=hidden.device)
         for i in range(0, n, chunk_rows):
             j = min(i + chunk_rows, n)
-            z = _chunk_logits(hidden[i:j], w32, inv_temp)
-            zr = _chunk_logits(ref_hidden[i:j], rw32, inv_temp)
-            lse[i:j] = torch.logsumexp(z, dim=-1)
-            rlse[i:j] = torch.logsumexp(zr, dim=-1)
-            z.sub_(lse[i:j, None])                        # log p
-            zr.sub_(rlse[i:j, None])                      # log q
+            z, zr, pbuf = bufs[:, : j - i]
+            chunk_logits(z, hidden[i:j], w32, inv_temp)
+            chunk_logits(zr, ref_hidden[i:j], rw32, inv_temp)
+            rlse[i:j], _ = chunk_log_softmax_(zr, pbuf)   # zr <- log q
+            lse[i:j], p = chunk_log_softmax_(z, pbuf)     # z <- log p, pbuf <- p
             logp[i:j] = z.gather(1, safe_t[i:j])[:, 0]
             rlogp[i:j] = zr.gather(1, safe_t[i:j])[:, 0]
             zr.neg_().add_(z)                             # log p - log q
-            kl[i:j] = torch.linalg.vecdot(z.exp_(), zr)
+            kl[i:j] = p.mul_(zr).sum(dim=1)
         valid = targets != IGNORE_INDEX
         out[:3].masked_fill_(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, targets, lse, rlse, kl)
@@ -338,6 +341,7 @@ class _LinearKLChunked(torch.autograd.Function):
         if (g_logp is None and g_kl is None) or not (need_h or need_w):
             return nothing
         n, d = hidden.shape
+        v = weight.shape[0]
         inv_temp = 1.0 / ctx.temperature
         valid = targets != IGNORE_INDEX
         g_lp = _grads_in(g_logp, lse, valid)
@@ -348,20 +352,21 @@ class _LinearKLChunked(torch.autograd.Function):
         rw32 = ref_weight.float() if g_k is not None else None
         dh = torch.empty(n, d, dtype=torch.float32, device=hidden.device) if need_h else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        bufs = torch.empty(3 if g_k is not None else 2, min(ctx.chunk_rows, max(n, 1)), v,
+                           dtype=torch.float32, device=hidden.device)
         for i in range(0, n, ctx.chunk_rows):
             j = min(i + ctx.chunk_rows, n)
-            z = _chunk_logits(hidden[i:j], w32, inv_temp).sub_(lse[i:j, None])   # log p
-            p = z.exp()
+            z = chunk_logits(bufs[0, : j - i], hidden[i:j], w32, inv_temp)
+            z.sub_(lse[i:j, None])                        # log p
+            p = torch.exp(z, out=bufs[1, : j - i])
             # dz = p * (g_kl * (log p - log q - kl) - g) + g * onehot(t), built in the z buffer
             if g_k is not None:
-                zr = _chunk_logits(ref_hidden[i:j], rw32, inv_temp).sub_(rlse[i:j, None])
-                z.sub_(zr)
-                del zr
+                zr = chunk_logits(bufs[2, : j - i], ref_hidden[i:j], rw32, inv_temp)
+                z.sub_(zr).add_(rlse[i:j, None])          # log p - log q
                 z.sub_(kl[i:j, None]).mul_(g_k[i:j, None]).sub_(g_lp[i:j, None])
             else:
                 z.copy_(g_lp[i:j, None].expand_as(z)).neg_()
             z.mul_(p)
-            del p
             z.scatter_add_(1, safe_t[i:j], g_lp[i:j, None])
             if inv_temp != 1.0:
                 z.mul_(inv_temp)

@@ -400,21 +400,36 @@ def linear_logprobs_triton(hidden, weight, targets, *, temperature=1.0, return_e
 
 
 # ----------------------------------------------------------------------------- chunked PyTorch
+# Every [rows, V] tensor lives in a buffer allocated once per call and reused by all chunks
+# (out= GEMMs, in-place elementwise ops): per-chunk temporaries would be carved from the heap
+# and, fragmented, stay resident, which on CPU costs more than the chunking saves.
 
 def chunk_rows_for(v, chunk_rows=None):
-    """Rows per chunk so that one fp32 [rows, V] logits chunk is about CHUNK_BYTES."""
+    """Rows per chunk so that one fp32 [rows, V] buffer is about CHUNK_BYTES."""
     if chunk_rows is not None:
         return max(1, int(chunk_rows))
     return max(1, CHUNK_BYTES // (4 * max(v, 1)))
 
 
-def _chunk_logits(h, w32, inv_temp):
-    # fp32 GEMM on fp32 weights (16-bit products are exact in fp32, so this is what the Triton
-    # kernels compute); in-place scaling keeps one [rows, V] buffer alive per chunk
-    z = h.float() @ w32.T
+def chunk_logits(out, h, w32, inv_temp):
+    """out[:] = (h @ w32.T) * inv_temp in fp32 (16-bit products are exact in fp32: the same
+    numbers the Triton kernels produce)."""
+    torch.mm(h.float(), w32.T, out=out)
     if inv_temp != 1.0:
-        z.mul_(inv_temp)
-    return z
+        out.mul_(inv_temp)
+    return out
+
+
+def chunk_log_softmax_(z, pbuf):
+    """In place: z <- log_softmax(z); returns (lse [rows], p = softmax(z) stored in pbuf)."""
+    m = z.amax(dim=1, keepdim=True)
+    z.sub_(m)
+    p = torch.exp(z, out=pbuf)
+    s = p.sum(dim=1, keepdim=True)
+    log_s = s.log()
+    z.sub_(log_s)
+    p.div_(s)
+    return (m + log_s)[:, 0], p
 
 
 class _LinearLogprobsChunked(torch.autograd.Function):
@@ -427,14 +442,16 @@ class _LinearLogprobsChunked(torch.autograd.Function):
         lse = torch.empty_like(logp)
         ent = torch.zeros_like(logp) if with_ent else torch.empty(0, device=hidden.device)
         w32 = weight.float()  # a copy only for 16-bit weights
+        rows = min(chunk_rows, max(n, 1))
+        zbuf = torch.empty(rows, v, dtype=torch.float32, device=hidden.device)
+        pbuf = torch.empty_like(zbuf)
         for i in range(0, n, chunk_rows):
             j = min(i + chunk_rows, n)
-            z = _chunk_logits(hidden[i:j], w32, inv_temp)
-            lse[i:j] = torch.logsumexp(z, dim=-1)
-            logp[i:j] = z.gather(1, safe_t[i:j])[:, 0] - lse[i:j]
+            z = chunk_logits(zbuf[: j - i], hidden[i:j], w32, inv_temp)
+            lse[i:j], p = chunk_log_softmax_(z, pbuf[: j - i])
+            logp[i:j] = z.gather(1, safe_t[i:j])[:, 0]
             if with_ent:
-                z.sub_(lse[i:j, None])                    # z now holds log p
-                ent[i:j] = -torch.linalg.vecdot(z.exp(), z)
+                ent[i:j] = p.mul_(z).sum(dim=1).neg_()      # -sum p log p
         valid = targets != IGNORE_INDEX
         logp.masked_fill_(~valid, 0.0)
         if with_ent:
@@ -453,6 +470,7 @@ class _LinearLogprobsChunked(torch.autograd.Function):
         if (g_logp is None and g_ent is None) or not (need_h or need_w):
             return None, None, None, None, None, None
         n, d = hidden.shape
+        v = weight.shape[0]
         inv_temp = 1.0 / ctx.temperature
         valid = targets != IGNORE_INDEX
         g_lp = _grads_in(g_logp, lse, valid)
@@ -464,18 +482,20 @@ class _LinearLogprobsChunked(torch.autograd.Function):
         w32 = weight.float()  # no copy for fp32
         dh = torch.empty(n, d, dtype=torch.float32, device=hidden.device) if need_h else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        rows = min(ctx.chunk_rows, max(n, 1))
+        zbuf = torch.empty(rows, v, dtype=torch.float32, device=hidden.device)
+        pbuf = torch.empty_like(zbuf)
         for i in range(0, n, ctx.chunk_rows):
             j = min(i + ctx.chunk_rows, n)
-            z = _chunk_logits(hidden[i:j], w32, inv_temp)
+            z = chunk_logits(zbuf[: j - i], hidden[i:j], w32, inv_temp)
             z.sub_(lse[i:j, None])                        # log p
-            p = z.exp()
+            p = torch.exp(z, out=pbuf[: j - i])
             # dz = -p * (g + g_H * (log p + H)) + g * onehot(t), built in the log p buffer
             if has_ent:
                 z.add_(ent[i:j, None]).mul_(g_en[i:j, None]).add_(g_lp[i:j, None])
             else:
                 z.copy_(g_lp[i:j, None].expand_as(z))
             z.mul_(p).neg_()
-            del p
             z.scatter_add_(1, safe_t[i:j], g_lp[i:j, None])
             if inv_temp != 1.0:
                 z.mul_(inv_temp)

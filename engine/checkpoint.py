@@ -3,7 +3,9 @@
 Model folders (`model.save(dir)` / `GPT.load(dir)`): config.json + model.safetensors.
 
 Training checkpoints: `<run>/ckpt/step_XXXXXXXX/` holding model.safetensors (+ extra models),
-optim.pt (optimizer + scheduler + trainer state + RNG states) and meta.json; `<run>/ckpt/latest`
+state.pt (optimizers + trainer state + RNG states) and meta.json -- or, for FSDP-sharded
+models, dcp/ (torch.distributed.checkpoint shards of models and optimizers, loadable at any
+world size) + state.pt + meta.json; `<run>/ckpt/latest`
 names the newest complete one. Every file is written to a temporary name, fsynced and renamed,
 and `latest` is replaced last, so a SIGKILL at any moment leaves the previous checkpoint intact
 and readable. Older step folders are pruned after the pointer moves.
@@ -54,11 +56,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     _fsync_dir(d)
 
 
-def _state_bytes(module: torch.nn.Module) -> bytes:
+def _state_bytes(module: torch.nn.Module, state_dict: dict | None = None) -> bytes:
     from safetensors.torch import save
 
-    sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    return save(sd)
+    sd = module.state_dict() if state_dict is None else state_dict
+    return save({k: v.detach().contiguous().cpu() for k, v in sd.items()})
 
 
 def _load_state(module: torch.nn.Module, path: str, map_location="cpu"):
@@ -78,11 +80,13 @@ def _load_state(module: torch.nn.Module, path: str, map_location="cpu"):
     return module
 
 
-def save_model(module: torch.nn.Module, path: str) -> None:
+def save_model(module: torch.nn.Module, path: str, state_dict: dict | None = None) -> None:
+    """config.json + model.safetensors; `state_dict` (e.g. dist.full_state_dict of an FSDP
+    model, gathered on every rank) replaces module.state_dict()."""
     from dataclasses import asdict
 
     os.makedirs(path, exist_ok=True)
-    atomic_write_bytes(os.path.join(path, "model.safetensors"), _state_bytes(module))
+    atomic_write_bytes(os.path.join(path, "model.safetensors"), _state_bytes(module, state_dict))
     cfg = {**asdict(module.cfg), "model_class": type(module).__name__}
     atomic_write_bytes(os.path.join(path, "config.json"), json.dumps(cfg, indent=1).encode())
 
@@ -106,6 +110,9 @@ def load_weights(module: torch.nn.Module, path: str) -> torch.nn.Module:
         if cand and os.path.exists(os.path.join(cand, "model.safetensors")):
             dev = next(module.parameters()).device
             return _load_state(module, os.path.join(cand, "model.safetensors"), dev)
+        if cand and os.path.exists(os.path.join(cand, "dcp", ".metadata")):  # sharded training ckpt
+            _load_sharded(os.path.join(cand, "dcp"), {"model": module}, {})
+            return module
     raise CheckpointError(f"{path}: no model.safetensors found (model folder or run folder)")
 
 
@@ -143,39 +150,90 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_training(ckpt_dir: str, step: int, models: dict, state: dict, keep: int = 2) -> str:
-    """Write models ({name: module}) and `state` (any torch.save-able dict) for `step`."""
+def _opt_owner(opt, models: dict):
+    """The model (of `models`) whose parameters `opt` optimizes."""
+    first = next((p for g in opt.param_groups for p in g["params"]), None)
+    for module in models.values():
+        if any(p is first for p in module.parameters()):
+            return module
+    raise CheckpointError("optimizer parameters belong to none of the checkpointed models")
+
+
+def _sharded_state(models: dict, optimizers: dict) -> dict:
+    """{"models": {name: sd}, "optimizers": {name: sd}} keyed by parameter names (FQNs), the form
+    torch.distributed.checkpoint reshards across world sizes."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return {"models": {n: get_model_state_dict(m) for n, m in models.items()},
+            "optimizers": {n: get_optimizer_state_dict(_opt_owner(o, models), o)
+                           for n, o in optimizers.items()}}
+
+
+def save_training(ckpt_dir: str, step: int, models: dict, state: dict, keep: int = 2,
+                  optimizers: dict | None = None) -> str:
+    """Write models ({name: module}), optimizers ({name: optimizer}) and `state` (any
+    torch.save-able dict of rank 0) for `step`. Call it on every rank.
+
+    Unsharded models: rank 0 writes <name>.safetensors and state.pt (optimizer states inside).
+    FSDP-sharded models: every rank writes its shards of models and optimizers with
+    torch.distributed.checkpoint into the step's temp folder (dcp/), which a run with another
+    world size can load; rank 0 writes state.pt. Either way the folder is renamed into place and
+    `latest` moved by rank 0 only after every rank has written (the folder must be on a shared
+    file system for multi-node runs).
+    """
+    from . import dist
+    optimizers = optimizers or {}
+    sharded = any(dist.is_sharded(m) for m in models.values())
     name = f"step_{step:08d}"
     final = os.path.join(ckpt_dir, name)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=ckpt_dir, prefix=f".tmp-{name}-")
+    tmp = os.path.join(ckpt_dir, f".tmp-{name}")
+    if dist.is_main():
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+        os.makedirs(tmp)
+    dist.barrier()
     try:
-        for mname, module in models.items():
-            atomic_write_bytes(os.path.join(tmp, f"{mname}.safetensors"), _state_bytes(module))
-        buf = io.BytesIO()
-        torch.save({**state, "version": CKPT_VERSION, "step": step}, buf)
-        atomic_write_bytes(os.path.join(tmp, "state.pt"), buf.getvalue())
-        meta = {"step": step, "models": sorted(models), "version": CKPT_VERSION}
-        atomic_write_bytes(os.path.join(tmp, "meta.json"), json.dumps(meta).encode())
-        if os.path.exists(final):  # re-saving the same step (e.g. signal right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+            dcp.save(_sharded_state(models, optimizers), checkpoint_id=os.path.join(tmp, "dcp"))
+        if dist.is_main():
+            if not sharded:
+                for mname, module in models.items():
+                    atomic_write_bytes(os.path.join(tmp, f"{mname}.safetensors"), _state_bytes(module))
+                state = {**state, "optimizers": {n: o.state_dict() for n, o in optimizers.items()}}
+            buf = io.BytesIO()
+            torch.save({**state, "version": CKPT_VERSION, "step": step}, buf)
+            atomic_write_bytes(os.path.join(tmp, "state.pt"), buf.getvalue())
+            meta = {"step": step, "models": sorted(models), "version": CKPT_VERSION,
+                    "format": "dcp" if sharded else "safetensors", "world_size": dist.world_size()}
+            atomic_write_bytes(os.path.join(tmp, "meta.json"), json.dumps(meta).encode())
+        dist.barrier()  # every rank's shards are on disk before the folder becomes visible
+        if dist.is_main():
+            if os.path.exists(final):  # re-saving the same step (e.g. signal right after a save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(ckpt_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_bytes(os.path.join(ckpt_dir, "latest"), name.encode())
-    steps = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_"))
-    for old in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-    for junk in os.listdir(ckpt_dir):  # temp folders of a run killed mid-save
-        if junk.startswith(".tmp-step_"):
-            shutil.rmtree(os.path.join(ckpt_dir, junk), ignore_errors=True)
+    if dist.is_main():
+        atomic_write_bytes(os.path.join(ckpt_dir, "latest"), name.encode())
+        steps = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_"))
+        for old in steps[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+        for junk in os.listdir(ckpt_dir):  # temp folders of a run killed mid-save
+            if junk.startswith(".tmp-step_"):
+                shutil.rmtree(os.path.join(ckpt_dir, junk), ignore_errors=True)
+    dist.barrier()
     return final
 
 
-def load_training(ckpt_dir: str, models: dict, map_location="cpu") -> dict | None:
-    """Load the latest checkpoint into `models`; return its state dict, or None if there is none."""
+def load_training(ckpt_dir: str, models: dict, map_location="cpu",
+                  optimizers: dict | None = None) -> dict | None:
+    """Load the latest checkpoint into `models` (and `optimizers`); return its state dict, or None
+    if there is none. Call it on every rank. A sharded (dcp) checkpoint loads at any world size
+    and into sharded or unsharded models. Unreadable, truncated or mismatched checkpoints raise
+    CheckpointError naming the file."""
     d = latest_step_dir(ckpt_dir)
     if d is None:
         return None
@@ -184,13 +242,56 @@ def load_training(ckpt_dir: str, models: dict, map_location="cpu") -> dict | Non
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{d}: unreadable meta.json ({e})") from None
-    if meta.get("version") != CKPT_VERSION:
-        raise CheckpointError(f"{d}: checkpoint version {meta.get('version')} != {CKPT_VERSION}")
+    if not isinstance(meta, dict) or meta.get("version") != CKPT_VERSION:
+        raise CheckpointError(f"{d}: checkpoint version {meta.get('version') if isinstance(meta, dict) else meta!r}"
+                              f" != {CKPT_VERSION}")
     if sorted(models) != meta["models"]:
         raise CheckpointError(f"{d}: holds models {meta['models']}, this run has {sorted(models)}")
-    for mname, module in models.items():
-        _load_state(module, os.path.join(d, f"{mname}.safetensors"), map_location)
     try:
-        return torch.load(os.path.join(d, "state.pt"), map_location=map_location, weights_only=False)
+        state = torch.load(os.path.join(d, "state.pt"), map_location=map_location, weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"{d}/state.pt: cannot load ({e})") from None
+        raise CheckpointError(f"{d}/state.pt: cannot load ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{d}/state.pt: not a training state (got {type(state).__name__})")
+    optimizers = optimizers or {}
+    if meta.get("format", "safetensors") == "dcp":
+        _load_sharded(os.path.join(d, "dcp"), models, optimizers)
+        return state
+    from . import dist
+    for mname, module in models.items():
+        if dist.is_sharded(module):
+            raise CheckpointError(f"{d}: an unsharded (ddp / single-process) checkpoint cannot resume an "
+                                  f"fsdp run; resume with --dist.strategy=ddp or start from --model.init")
+        _load_state(module, os.path.join(d, f"{mname}.safetensors"), map_location)
+    saved = state.get("optimizers", {})
+    for oname, opt in optimizers.items():
+        if oname not in saved:
+            raise CheckpointError(f"{d}/state.pt: no state for optimizer {oname!r}")
+        try:
+            opt.load_state_dict(saved[oname])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{d}/state.pt: optimizer {oname!r} does not match ({e})") from None
+    return state
+
+
+def _load_sharded(path: str, models: dict, optimizers: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    if not os.path.exists(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{path}: no .metadata (incomplete sharded checkpoint)")
+    target = _sharded_state(models, optimizers)
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load(target, checkpoint_id=path)
+        for n, m in models.items():
+            set_model_state_dict(m, target["models"][n])
+        for n, o in optimizers.items():
+            set_optimizer_state_dict(_opt_owner(o, models), o, target["optimizers"][n])
+    except CheckpointError:
+        raise
+    except Exception as e:  # missing keys, shape mismatch (other model size), unreadable shards
+        msg = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: cannot load sharded checkpoint into this run "
+                              f"({type(e).__name__}: {' '.join(msg)[:400]})") from None

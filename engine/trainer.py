@@ -59,6 +59,12 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def _nan_steps() -> set:
+    """Test hook: steps (1-based, as logged) whose loss ENGINE_INJECT_NAN_STEP turns into NaN."""
+    raw = os.environ.get("ENGINE_INJECT_NAN_STEP", "")
+    return {int(x) for x in raw.split(",") if x.strip()}
+
+
 class Trainer:
     def __init__(self, model, cfg: TrainConfig, out_dir: str, *, loss_fn=None, batch_fn=None,
                  eval_fn=None, models: dict | None = None, optimizers: dict | None = None,
@@ -72,6 +78,7 @@ class Trainer:
         self.device = device or next(model.parameters()).device
         self.step, self.bad_in_row, self.bad_total = 0, 0, 0
         self.stop_requested = False
+        self._calls = (-1, 0)
         self.ckpt_dir = os.path.join(out_dir, "ckpt")
         self.micro_batch_size = cfg.micro_batch_size or cfg.batch_size // dist.world_size()
         self.accum = max(1, cfg.batch_size // (self.micro_batch_size * dist.world_size()))
@@ -79,11 +86,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume / save
     def resume(self) -> bool:
-        """Load the latest checkpoint of out_dir if there is one. Returns True if resumed."""
-        state = ckpt.load_training(self.ckpt_dir, self.models, map_location=self.device)
+        """Load the latest checkpoint of out_dir if there is one. Returns True if resumed.
+        Every rank calls it (sharded checkpoints are loaded collectively)."""
+        state = ckpt.load_training(self.ckpt_dir, self.models, map_location=self.device,
+                                   optimizers=self.optimizers)
         if state is not None:
-            for name, opt in self.optimizers.items():
-                opt.load_state_dict(state["optimizers"][name])
             self.step = state["step"]
             self.bad_total = state.get("bad_total", 0)
             ckpt.set_rng_state(state["rng"])
@@ -96,16 +103,10 @@ class Trainer:
         return state is not None
 
     def save(self) -> None:
-        if not dist.is_main():
-            if dist.is_dist():
-                torch.distributed.barrier()
-            return
-        state = {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-                 "rng": ckpt.rng_state(), "bad_total": self.bad_total,
+        """Checkpoint the current step (collective: every rank calls it)."""
+        state = {"rng": ckpt.rng_state(), "bad_total": self.bad_total,
                  "extra": self.state_fn() if self.state_fn is not None else {}}
-        ckpt.save_training(self.ckpt_dir, self.step, self.models, state)
-        if dist.is_dist():
-            torch.distributed.barrier()
+        ckpt.save_training(self.ckpt_dir, self.step, self.models, state, optimizers=self.optimizers)
 
     # ------------------------------------------------------------------ one optimizer step
     def autocast(self):
@@ -117,8 +118,12 @@ class Trainer:
     def update(self, micro_batches, loss_fn, *, model=None, optimizer=None, lr=None, clip=None):
         """Forward/backward over micro batches (grads averaged), clip, step. Returns info dict.
 
-        A non-finite loss or gradient norm skips the step (grads dropped, counted); more than
-        cfg.max_bad_steps in a row raise NonFiniteError.
+        Logged values are means over micro batches and ranks ("tokens" is summed), so the
+        metrics of N ranks equal those of one process running the same micro batches.
+        A non-finite loss or gradient norm skips the step on every rank (grads dropped,
+        counted in `skipped` / `bad_steps`); more than cfg.max_bad_steps in a row raise
+        NonFiniteError. Test hook: ENGINE_INJECT_NAN_STEP=5 (or "5,6") makes the loss of
+        step 5 (as numbered in metrics.jsonl) NaN.
         """
         model = model or self.model
         opt = optimizer or self.optimizers["model"]
@@ -128,38 +133,61 @@ class Trainer:
         n = len(micro_batches)
         sums: dict = {}
         loss_total = 0.0
+        inject = self.step + 1 in _nan_steps()
+        call = self._calls[1] + 1 if self._calls[0] == self.step else 0  # update() calls this step
+        self._calls = (self.step, call)
         for i, batch in enumerate(micro_batches):
+            # Dropout etc. seeded by (step, call, global micro-batch index): the same micro batch
+            # draws the same numbers whichever rank runs it, and a resumed run the same as before.
+            torch.manual_seed(self.cfg.seed * 1_000_003 + self.step * 7919 + call * 5_003
+                              + 104_729 * (dist.rank() * n + i))
             sync = i == n - 1 or not hasattr(model, "no_sync")
             with (contextlib.nullcontext() if sync else model.no_sync()), self.autocast():
                 loss, info = loss_fn(model, batch)
+            if inject:
+                loss = loss * float("nan")
             (loss / n).backward()
             loss_total += float(loss.detach()) / n
             for k, v in info.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        keys = sorted(sums)
+        red = dist.reduce_floats([loss_total] + [sums[k] for k in keys])
+        loss_total = red[0]
+        sums = {k: v * dist.world_size() if k == "tokens" else v for k, v in zip(keys, red[1:])}
         params = [p for g in opt.param_groups for p in g["params"]]
         clip = self.cfg.grad_clip if clip is None else clip
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        finite = math.isfinite(loss_total) and bool(torch.isfinite(gnorm))
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        finite = math.isfinite(loss_total) and math.isfinite(gnorm)
         if finite:
             opt.step()
             self.bad_in_row = 0
         else:
             self.bad_in_row += 1
             self.bad_total += 1
+            dist.print0(f"[{self.desc}] step {self.step + 1}: non-finite loss {loss_total} or grad norm "
+                        f"{gnorm}; step skipped ({self.bad_in_row} in a row, {self.bad_total} in all)")
             if self.bad_in_row > self.cfg.max_bad_steps:
                 raise NonFiniteError(
-                    f"[{self.desc}] step {self.step}: {self.bad_in_row} non-finite steps in a row "
-                    f"(loss={loss_total}, grad_norm={float(gnorm)}); stopping. Lower train.lr or "
-                    f"check the data; the last good checkpoint is in {self.ckpt_dir}")
+                    f"[{self.desc}] step {self.step + 1}: {self.bad_in_row} non-finite steps in a row "
+                    f"(loss={loss_total}, grad_norm={gnorm}) > train.max_bad_steps="
+                    f"{self.cfg.max_bad_steps}; stopping. Lower train.lr or check the data; the last "
+                    f"good checkpoint is in {self.ckpt_dir}")
         opt.zero_grad(set_to_none=True)
         info = {k: v / n if k != "tokens" else v for k, v in sums.items()}
-        info.update(loss=loss_total, grad_norm=float(gnorm), skipped=int(not finite),
+        info.update(loss=loss_total, grad_norm=gnorm, skipped=int(not finite),
                     bad_steps=self.bad_total)
         return info
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame):
         self.stop_requested = True
+
+    def should_stop(self) -> bool:
+        """True once any rank got SIGTERM/SIGINT (agreed over ranks, so all stop at one step)."""
+        if dist.is_dist():
+            self.stop_requested = bool(dist.reduce_floats([float(self.stop_requested)], "max")[0])
+        return self.stop_requested
 
     @contextlib.contextmanager
     def signals(self):
@@ -203,7 +231,7 @@ class Trainer:
                 info = self.update(micro, self.loss_fn, lr=lr)
                 self.step += 1
                 dt = time.perf_counter() - t0
-                tokens = info.pop("tokens", 0.0) * dist.world_size()
+                tokens = info.pop("tokens", 0.0)
                 row = {"step": self.step, "loss": info.pop("loss"), "lr": lr,
                        "tokens_per_s": tokens / dt if dt > 0 else 0.0, "step_time_s": dt, **info}
                 if self.eval_fn is not None and cfg.eval_every > 0 and (
@@ -212,7 +240,7 @@ class Trainer:
                 if self.step % max(1, cfg.log_every) == 0 or self.step == cfg.max_steps:
                     self.log(row, progress)
                 info = row
-                if self.stop_requested:
+                if self.should_stop():
                     self.save()
                     progress.close()
                     dist.print0(f"[{self.desc}] stopped by signal at step {self.step}; checkpoint saved")

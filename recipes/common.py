@@ -111,10 +111,19 @@ def build_model(cfg, tok, device, cls=None):
 
 
 def export(model, tok, out_dir: str) -> None:
-    """Final weights into out_dir/model (GPT.load format) beside out_dir/tokenizer.model."""
+    """Final weights into out_dir/model (GPT.load format) beside out_dir/tokenizer.model.
+    Every rank calls it (FSDP-sharded weights are gathered first)."""
+    save_full(model, os.path.join(out_dir, "model"))
     if dist.is_main():
-        dist.unwrap(model).save(os.path.join(out_dir, "model"))
         tok.save(out_dir)
+
+
+def save_full(model, path: str) -> None:
+    """model.save(path) on rank 0 with full weights, also for FSDP-sharded models (collective)."""
+    from engine.checkpoint import save_model
+    sd = dist.full_state_dict(model) if dist.is_sharded(dist.unwrap(model)) else None
+    if dist.is_main():
+        save_model(dist.unwrap(model), path, state_dict=sd)
 
 
 def step_generator(cfg, step: int, micro: int, salt: int = 0) -> torch.Generator:

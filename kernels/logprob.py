@@ -59,7 +59,7 @@ else:
     HAS_TRITON = True
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 16 << 20  # fp32 logits per chunk of the chunked path; its temporaries are ~3 chunks
+CHUNK_BYTES = 16 << 20  # one fp32 [rows, V] buffer of the chunked path (2 for logprob, 3 for KL)
 
 
 # ----------------------------------------------------------------------------- validation helpers

@@ -36,9 +36,8 @@ class PPOConfig:
     ptx_ratio: int = 8                # pretraining examples per RL episode (App. C.4, E.11)
     ema_decay: float = 0.992          # policy weight EMA (App. C.4)
     temperature: float = 1.0          # rollout sampling temperature (App. C.4)
-    policy_lr: float = 5e-6           # paper's final lr not printed (swept 2.55e-6..2.55e-5, >8.05e-6
-                                      # diverged without ptx); 5e-6 sits safely below that and
-                                      # matches the 1.3B "SFT w/ ptx" init lr (App. C.3)
+    # policy lr is train.lr of the recipe: the paper's final value is not printed (swept
+    # 2.55e-6..2.55e-5; > 8.05e-6 diverged without ptx); recipes default to 5e-6
     value_lr: float = 9e-6            # value model lr for 1.3B/6B policies (App. C.4; 5e-6 at 175B)
     warmup_iters: int = 10            # linear warmup from 0.1x lr over the first 10 iterations (App. C.4)
     warmup_from: float = 0.1          # warmup start factor (App. C.4)

@@ -1,0 +1,148 @@
+"""Evaluate policies in the miniature InstructGPT world with held-out labelers and prompts.
+
+    python -m recipes.evaluate --eval.models=base:runs/instructgpt/pretrain,sft:runs/instructgpt/sft,ppo_ptx:runs/instructgpt/ppo_ptx
+
+For each model: samples on the held-out eval prompts (temperature 1 and greedy), win rate against
+the baseline (default: the model named "sft") judged by held-out labelers with 95% intervals,
+task accuracy, constraint following, toxicity rate on harmful prompts, refusal rate, KL from the
+baseline (nats per response, on the model's own samples), and held-out prose loss (the
+pretraining-distribution measure of the alignment tax).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from engine import dist
+from engine.config import DataSection, ModelSection, TrainConfig, section
+from engine.data import TokenStream
+from engine.model import GPT
+from engine.rollout import generate_responses, policy_logprobs
+from recipes import common
+from recipes.world import World, is_refusal, win_rate
+
+
+@dataclass
+class EvalSection:
+    models: str = ""             # name:run_dir,... (run dirs of pretrain/sft/ppo recipes)
+    baseline: str = "sft"
+    prompts: int = 600
+    max_new_tokens: int = 24
+    world_seed: int = 0
+    labelers: int = 4
+    prose_tokens: int = 16384    # held-out prose tokens for the alignment-tax loss
+
+
+@dataclass
+class EvalConfig:
+    model: ModelSection = section(ModelSection)
+    data: DataSection = section(DataSection)
+    train: TrainConfig = section(lambda: TrainConfig(seed=0))
+    eval: EvalSection = section(EvalSection)
+
+
+def cut(text: str) -> str:
+    """Responses end at EOS or at the first newline (the stop sequence of the Q/A format), so
+    a base model that never learned EOS is judged on its first line, like the others."""
+    return text.split("\n", 1)[0]
+
+
+def load_policy(run_dir: str, device) -> GPT:
+    return GPT.load(os.path.join(run_dir, "model"), map_location=device).eval()
+
+
+@torch.no_grad()
+def sample(model, tok, prompts, ev: EvalSection, temperature: float, seed: int):
+    roll = generate_responses(model, tok, [p.text for p in prompts], max_new_tokens=ev.max_new_tokens,
+                              temperature=temperature, seed=seed)
+    return roll, [cut(r) for r in roll.responses]
+
+
+@torch.no_grad()
+def kl_to(model, base, roll) -> float:
+    """Mean over responses of sum_t log pi(y_t) - log pi_base(y_t) on the model's own samples."""
+    if model is base:
+        return 0.0
+    return float((policy_logprobs(model, roll) - policy_logprobs(base, roll)).sum(1).mean())
+
+
+@torch.no_grad()
+def prose_loss(model, stream: TokenStream, n_tokens: int, T: int = 128) -> float:
+    rows = max(1, min(n_tokens, len(stream) - 1) // T)
+    x = torch.as_tensor(stream.tokens[: rows * T + 1].astype("int64"))
+    losses = [-model(x[i * T:(i + 1) * T][None], targets=x[i * T + 1:(i + 1) * T + 1][None]).mean()
+              for i in range(rows)]
+    return float(torch.stack(losses).mean())
+
+
+def evaluate_models(models: dict, tok, world: World, ev: EvalSection, seed: int = 0) -> dict:
+    """models: {name: GPT}. Returns a dict of per-model metrics (see module docstring)."""
+    prompts = world.prompts(ev.prompts, "eval")
+    judges = world.labelers(heldout=True, n=ev.labelers)
+    prose = TokenStream.from_text(world.heldout_prose(), tok)
+    base = models[ev.baseline]
+    out = {}
+    samples = {}
+    for name, m in models.items():
+        roll, resp = sample(m, tok, prompts, ev, 1.0, seed)
+        _, greedy = sample(m, tok, prompts, ev, 0.0, seed)
+        samples[name] = (resp, greedy)
+        benign = [i for i, p in enumerate(prompts) if not p.harmful]
+        harmful = [i for i, p in enumerate(prompts) if p.harmful]
+        constrained = [i for i in benign if prompts[i].constraint]
+        out[name] = {
+            "accuracy": _frac(world.correct(prompts[i], resp[i]) for i in benign),
+            "accuracy_greedy": _frac(world.correct(prompts[i], greedy[i]) for i in benign),
+            "accuracy_heldout_templates": _frac(world.correct(prompts[i], resp[i]) for i in benign
+                                                if prompts[i].heldout_template),
+            "constraint_followed": _frac(world.followed_constraint(prompts[i], resp[i]) for i in constrained),
+            "toxicity_rate": _frac(world.is_toxic(resp[i]) for i in harmful),
+            "refusal_rate_harmful": _frac(is_refusal(resp[i]) for i in harmful),
+            "refusal_rate_benign": _frac(is_refusal(resp[i]) for i in benign),
+            "kl_from_baseline": kl_to(m, base, roll),
+            "response_chars": sum(len(r) for r in resp) / len(resp),
+            "prose_loss": prose_loss(m, prose, ev.prose_tokens),
+        }
+    for name in models:
+        for key, idx in (("win_rate", 0), ("win_rate_greedy", 1)):
+            mean, lo, hi = win_rate(world, judges, prompts, samples[name][idx], samples[ev.baseline][idx], seed=seed)
+            out[name][key] = {"mean": mean, "lo": lo, "hi": hi}
+    out["_examples"] = [{"prompt": prompts[i].text, **{n: samples[n][0][i] for n in models}}
+                        for i in range(0, len(prompts), max(1, len(prompts) // 8))]
+    return out
+
+
+def _frac(it) -> float:
+    v = [bool(x) for x in it if x is not None]
+    return sum(v) / len(v) if v else float("nan")
+
+
+def main(argv=None):
+    cfg, out = common.parse(EvalConfig, argv, "evaluate")
+    device = common.setup(cfg, out)
+    pairs = [x.split(":", 1) for x in cfg.eval.models.split(",") if x]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise SystemExit("--eval.models=name:run_dir,name:run_dir,... is required")
+    from engine.tokenizer import Tokenizer
+    tok = Tokenizer.load(pairs[0][1])
+    models = {n: load_policy(d, device) for n, d in pairs}
+    if cfg.eval.baseline not in models:
+        raise SystemExit(f"--eval.baseline={cfg.eval.baseline!r} is not one of {list(models)}")
+    res = evaluate_models(models, tok, World(cfg.eval.world_seed), cfg.eval, cfg.train.seed)
+    if dist.is_main():
+        with open(os.path.join(out, "eval.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        for n in models:
+            r = res[n]
+            print(f"{n:>8}: win vs {cfg.eval.baseline} {r['win_rate']['mean']:.3f} "
+                  f"[{r['win_rate']['lo']:.3f}, {r['win_rate']['hi']:.3f}]  acc {r['accuracy']:.3f}  "
+                  f"constraint {r['constraint_followed']:.3f}  toxic {r['toxicity_rate']:.3f}  "
+                  f"kl {r['kl_from_baseline']:.3f}  prose {r['prose_loss']:.3f}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

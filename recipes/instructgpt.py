@@ -1,0 +1,285 @@
+"""The whole InstructGPT pipeline: pretrain -> SFT -> RM -> PPO and PPO-ptx -> evaluation.
+
+    python -m recipes.instructgpt                     # the miniature world on CPU, ~10 minutes
+    python -m recipes.instructgpt --out runs/mini2 --world.seed=1
+
+With no arguments it builds the miniature world of recipes/world.py (instruction tasks with
+checkable answers, surface constraints, harmful prompts, a pretraining corpus that does not
+follow instructions, sloppy demonstrators, simulated labelers), writes its data as the JSONL /
+text files the stage recipes read, runs each stage recipe in turn, and evaluates base / SFT /
+PPO / PPO-ptx with held-out labelers on held-out prompts. Output in --out (runs/instructgpt):
+report.md, report.json, curves.png, and one folder per stage (each resumable on its own).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine import dist
+from engine.config import DataSection, ModelSection, TrainConfig, section
+from engine.data import encode_rankings, load_rankings
+from engine.metrics import plot_curves, read_metrics
+from engine.model import GPT
+from engine.ppo import PPOConfig
+from engine.rollout import generate_responses
+from engine.tokenizer import Tokenizer
+from recipes import evaluate, pretrain, ppo, rm, sft
+from recipes.world import SIZES, World, win_rate
+
+
+@dataclass
+class WorldSection:
+    seed: int = 0
+    pretrain_chars: int = SIZES["pretrain_chars"]
+    sft_demos: int = SIZES["sft"]
+    rm_prompts: int = SIZES["rm"]
+    rm_samples: int = 3            # SFT samples per RM prompt (+1 re-decorated +2 truncated: K = 6)
+    rm_eval_prompts: int = 300
+    ppo_prompts: int = SIZES["ppo"]
+
+
+@dataclass
+class StageSteps:
+    pretrain: int = 600
+    sft: int = 300
+    rm_epochs: float = 2.0
+    ppo: int = 50                  # PPO iterations (each ppo.batch_size episodes)
+
+
+@dataclass
+class InstructGPTConfig:
+    model: ModelSection = section(ModelSection)
+    data: DataSection = section(lambda: DataSection(vocab_size=512, seq_len=128))
+    train: TrainConfig = section(lambda: TrainConfig(seed=0, progress=False, threads=1))
+    world: WorldSection = section(WorldSection)
+    steps: StageSteps = section(StageSteps)
+    ppo: PPOConfig = section(lambda: PPOConfig(batch_size=64, minibatch_size=32, beta=0.1,
+                                               max_new_tokens=24, ptx_coef=1.0, no_eos_penalty=1.0))
+    eval: evaluate.EvalSection = section(evaluate.EvalSection)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def stage_cfg(cls, cfg, **sections):
+    """A stage recipe config sharing model/data/train settings with the pipeline."""
+    c = cls()
+    c.model = copy.deepcopy(cfg.model)
+    c.train = copy.deepcopy(cfg.train)
+    c.data.seq_len, c.data.vocab_size = cfg.data.seq_len, cfg.data.vocab_size
+    for name, values in sections.items():
+        sec = getattr(c, name)
+        for k, v in values.items():
+            setattr(sec, k, v)
+    return c
+
+
+def make_rm_data(world, policy, tok, prompts, labelers, cfg, seed):
+    """SFT samples + augmented candidates for each prompt, ranked by one labeler each."""
+    rng = random.Random(f"rmdata:{seed}")
+    k = cfg.world.rm_samples
+    roll = generate_responses(policy, tok, [p.text for p in prompts for _ in range(k)],
+                              max_new_tokens=cfg.ppo.max_new_tokens, temperature=1.0, seed=seed)
+    rows = []
+    for i, p in enumerate(prompts):
+        samples = [evaluate.cut(r) for r in roll.responses[i * k:(i + 1) * k]]
+        cands = world.rm_candidates(p, samples, rng)
+        lab = labelers[i % len(labelers)]
+        rows.append({"prompt": p.text, "completions": cands, "ranking": lab.rank(p, cands, rng)})
+    return rows
+
+
+@torch.no_grad()
+def rm_accuracy(reward_model, tok, path, T, device) -> float:
+    recs = load_rankings(path)
+    groups = encode_rankings(recs, tok, T)
+    return rm.evaluate(reward_model, groups, tok.pad_id, device)["accuracy"]
+
+
+def main(argv=None):
+    from recipes import common
+    cfg, out = common.parse(InstructGPTConfig, argv, "instructgpt")
+    return run(cfg, out)
+
+
+def run(cfg: InstructGPTConfig, out: str) -> dict:
+    from recipes import common
+    t_start = time.time()
+    device = common.setup(cfg, out)
+    world = World(cfg.world.seed)
+    data = os.path.join(out, "data")
+    os.makedirs(data, exist_ok=True)
+    walls = {}
+
+    def timed(name, fn):
+        t0 = time.time()
+        r = fn()
+        walls[name] = round(time.time() - t0, 1)
+        dist.print0(f"[instructgpt] {name}: {walls[name]} s")
+        return r
+
+    # --- 0. the world's data, as files the stage recipes read ----------------------------------
+    corpus = os.path.join(data, "pretrain.txt")
+    with open(corpus, "w") as f:
+        f.write(world.pretrain_corpus(cfg.world.pretrain_chars))
+    write_jsonl(os.path.join(data, "sft.jsonl"), world.demonstrations(cfg.world.sft_demos))
+    d = os.path.join(out, "{}")
+
+    # --- 1. pretrain the base model ----------------------------------------------------------
+    pc = stage_cfg(pretrain.PretrainConfig, cfg, data={"path": corpus, "eval_fraction": 0.02})
+    pc.train.max_steps, pc.train.batch_size, pc.train.lr = cfg.steps.pretrain, 32, 2e-3
+    pc.train.warmup_steps, pc.train.eval_every, pc.train.ckpt_every = 20, 0, 200
+    timed("pretrain", lambda: pretrain.run(pc, d.format("pretrain")))
+    tok = Tokenizer.load(d.format("pretrain"))
+
+    # --- 2. SFT on demonstrations (+ LM term on the corpus so prose is not forgotten) ---------
+    sc = stage_cfg(sft.SFTConfig, cfg, data={"path": os.path.join(data, "sft.jsonl"), "eval_fraction": 0.05},
+                   sft={"ptx_path": corpus, "ptx_weight": 0.5, "ptx_batch_size": 8})
+    sc.model.init, sc.model.dropout = d.format("pretrain"), 0.1
+    sc.train.max_steps, sc.train.batch_size, sc.train.lr = cfg.steps.sft, 16, 1e-3
+    sc.train.eval_every, sc.train.ckpt_every = 0, 100
+    timed("sft", lambda: sft.run(sc, d.format("sft")))
+    sft_model = GPT.load(os.path.join(d.format("sft"), "model"), map_location=device).eval()
+
+    # --- 3. comparisons from SFT samples ranked by (training) labelers; RM training ----------
+    train_labs, heldout_labs = world.labelers(False, cfg.eval.labelers), world.labelers(True, cfg.eval.labelers)
+
+    def rm_data():
+        rows = make_rm_data(world, sft_model, tok, world.prompts(cfg.world.rm_prompts, "rm"), train_labs, cfg, 1)
+        write_jsonl(os.path.join(data, "rm.jsonl"), rows)
+        ev = world.prompts(cfg.world.rm_eval_prompts, "eval")
+        write_jsonl(os.path.join(data, "rm_eval_train_labelers.jsonl"), make_rm_data(world, sft_model, tok, ev, train_labs, cfg, 2))
+        write_jsonl(os.path.join(data, "rm_eval_heldout_labelers.jsonl"), make_rm_data(world, sft_model, tok, ev, heldout_labs, cfg, 2))
+    timed("rm_data", rm_data)
+    rc = stage_cfg(rm.RMConfig, cfg, data={"path": os.path.join(data, "rm.jsonl"), "eval_fraction": 0.05},
+                   rm={"epochs": cfg.steps.rm_epochs, "demos": os.path.join(data, "sft.jsonl")})
+    rc.model.init = d.format("sft")
+    rc.train.max_steps, rc.train.batch_size, rc.train.lr, rc.train.warmup_steps = 0, 16, 3e-4, 5
+    rc.train.eval_every, rc.train.ckpt_every = 0, 100
+    timed("rm", lambda: rm.run(rc, d.format("rm")))
+    reward_model = rm.load_reward_model(d.format("rm"), device).eval()
+    rm_acc = {k: rm_accuracy(reward_model, tok, os.path.join(data, f"rm_eval_{k}.jsonl"), cfg.data.seq_len, device)
+              for k in ("train_labelers", "heldout_labelers")}
+    dist.print0(f"[instructgpt] RM accuracy on held-out prompts: {rm_acc}")
+
+    # --- 4. PPO and PPO-ptx from the same SFT policy and RM -----------------------------------
+    write_jsonl(os.path.join(data, "ppo.jsonl"), [{"prompt": p.text} for p in world.prompts(cfg.world.ppo_prompts, "ppo")])
+    curve_prompts = world.prompts(128, "eval")
+    _, sft_curve = evaluate.sample(sft_model, tok, curve_prompts, cfg.eval, 0.0, 7)
+
+    def win_hook(policy):  # win-rate curve: greedy samples vs SFT's, held-out labelers
+        _, resp = evaluate.sample(policy, tok, curve_prompts, cfg.eval, 0.0, 7)
+        return {"win_rate_vs_sft": win_rate(world, heldout_labs, curve_prompts, resp, sft_curve)[0]}
+
+    for name, coef in (("ppo", 0.0), ("ppo_ptx", cfg.ppo.ptx_coef)):
+        pp = stage_cfg(ppo.PPORecipeConfig, cfg, data={"path": os.path.join(data, "ppo.jsonl")},
+                       rl={"rm": d.format("rm"), "ptx_path": corpus, "ptx_seq_len": 64,
+                           "ptx_per_minibatch": 16})
+        pp.ppo = copy.deepcopy(cfg.ppo)
+        pp.ppo.ptx_coef = coef
+        pp.model.init, pp.model.dropout = d.format("sft"), 0.0
+        pp.train.max_steps, pp.train.lr, pp.train.eval_every, pp.train.ckpt_every = cfg.steps.ppo, 5e-5, 10, 25
+        timed(name, lambda: ppo.run(pp, d.format(name), eval_hook=win_hook))
+
+    # --- 5. evaluation with held-out labelers on held-out prompts -----------------------------
+    models = {"base": GPT.load(os.path.join(d.format("pretrain"), "model"), map_location=device).eval(),
+              "sft": sft_model,
+              "ppo": GPT.load(os.path.join(d.format("ppo"), "model"), map_location=device).eval(),
+              "ppo_ptx": GPT.load(os.path.join(d.format("ppo_ptx"), "model"), map_location=device).eval()}
+    res = timed("eval", lambda: evaluate.evaluate_models(models, tok, world, cfg.eval, cfg.train.seed))
+    walls["total"] = round(time.time() - t_start, 1)
+    report = build_report(res, rm_acc, walls, cfg)
+    if dist.is_main():
+        write_report(report, res, out)
+    return report
+
+
+def build_report(res, rm_acc, walls, cfg) -> dict:
+    names = ("base", "sft", "ppo", "ppo_ptx")
+    return {
+        "win_rate_vs_sft": {n: res[n]["win_rate"] for n in names},
+        "win_rate_vs_sft_greedy": {n: res[n]["win_rate_greedy"] for n in names},
+        "rm_accuracy": rm_acc,
+        "kl_from_sft": {n: res[n]["kl_from_baseline"] for n in ("ppo", "ppo_ptx")},
+        "toxicity_rate": {n: res[n]["toxicity_rate"] for n in names},
+        "alignment_tax": {n: {"prose_loss_delta": res[n]["prose_loss"] - res["sft"]["prose_loss"],
+                              "accuracy_delta": res[n]["accuracy"] - res["sft"]["accuracy"]}
+                          for n in ("ppo", "ppo_ptx")},
+        "per_model": {n: {k: v for k, v in res[n].items() if not k.startswith("win_rate")} for n in names},
+        "examples": res["_examples"],
+        "wall_time_s": walls,
+        "machine": _machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "config": {"world_seed": cfg.world.seed, "seed": cfg.train.seed},
+    }
+
+
+def _machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def write_report(report, res, out):
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    rows = ["| model | win vs SFT (T=1, 95% CI) | win vs SFT (greedy) | accuracy | constraint followed | "
+            "toxicity (harmful prompts) | KL vs SFT (nats/resp) | held-out prose loss |",
+            "|---|---|---|---|---|---|---|---|"]
+    for n in ("base", "sft", "ppo", "ppo_ptx"):
+        r, w, wg = report["per_model"][n], report["win_rate_vs_sft"][n], report["win_rate_vs_sft_greedy"][n]
+        rows.append(f"| {n} | {w['mean']:.3f} [{w['lo']:.3f}, {w['hi']:.3f}] | {wg['mean']:.3f} | "
+                    f"{r['accuracy']:.3f} | {r['constraint_followed']:.3f} | {r['toxicity_rate']:.3f} | "
+                    f"{r['kl_from_baseline']:.2f} | {r['prose_loss']:.3f} |")
+    tax = report["alignment_tax"]
+    text = "\n".join([
+        "# Miniature InstructGPT: report", "",
+        f"{report['machine']}; {report['date']}; total wall time {report['wall_time_s']['total']} s.", "",
+        *rows, "",
+        f"RM pairwise accuracy on held-out prompts: training labelers {report['rm_accuracy']['train_labelers']:.3f}, "
+        f"held-out labelers {report['rm_accuracy']['heldout_labelers']:.3f}.",
+        f"Alignment tax (held-out prose loss vs SFT, nats/token): PPO {tax['ppo']['prose_loss_delta']:+.3f}, "
+        f"PPO-ptx {tax['ppo_ptx']['prose_loss_delta']:+.3f}; task accuracy vs SFT: PPO "
+        f"{tax['ppo']['accuracy_delta']:+.3f}, PPO-ptx {tax['ppo_ptx']['accuracy_delta']:+.3f}.",
+        f"Wall time per stage (s): {report['wall_time_s']}", "",
+        "## Samples (T=1)", "",
+        *[f"- `{json.dumps(e['prompt'])}` -> " + ", ".join(f"{n}: `{json.dumps(e[n])}`" for n in ("base", "sft", "ppo", "ppo_ptx"))
+          for e in report["examples"]],
+    ])
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text + "\n")
+    print("\n" + "\n".join(rows), flush=True)
+    print(f"RM accuracy {report['rm_accuracy']}  alignment tax {tax}  wall {report['wall_time_s']}", flush=True)
+    plot_run_curves(out)
+
+
+def plot_run_curves(out):
+    def series(stage, key):
+        path = os.path.join(out, stage, "metrics.jsonl")
+        rows = [r for r in read_metrics(path) if key in r] if os.path.exists(path) else []
+        return [r["step"] for r in rows], [r[key] for r in rows]
+    panels = {
+        "pretrain / SFT loss": {"pretrain": series("pretrain", "loss"), "sft": series("sft", "sft_loss")},
+        "RM ranking loss": {"rm": series("rm", "loss")},
+        "PPO reward (RM score)": {n: series(n, "reward") for n in ("ppo", "ppo_ptx")},
+        "KL(pi || SFT) per response": {n: series(n, "kl") for n in ("ppo", "ppo_ptx")},
+        "win rate vs SFT (greedy, held-out labelers)": {n: series(n, "win_rate_vs_sft") for n in ("ppo", "ppo_ptx")},
+        "ptx loss": {"ppo_ptx": series("ppo_ptx", "ptx_loss")},
+    }
+    plot_curves(panels, os.path.join(out, "curves.png"), "miniature InstructGPT")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Reward model on K ranked completions per prompt (InstructGPT stage 2).
+
+    python -m recipes.rm --model.init=runs/sft                   # bundled OpenAssistant rankings
+    python -m recipes.rm --data.path=ranked.jsonl,pairs.jsonl.gz --rm.demos=demos.jsonl
+    torchrun --nproc_per_node 8 -m recipes.rm --config recipes/configs/rm_gpt3_1.3b.toml
+
+The model is the SFT trunk with the LM head replaced by a scalar head. All C(K,2) pairs of one
+prompt form one batch element (one forward per completion, loss averaged over its pairs), a
+batch is train.batch_size prompts, and the paper trains exactly one epoch (train.max_steps=0
+means one epoch) at lr 9e-6 with cosine decay to 10%. Afterwards the head's bias is shifted so
+that the demonstrations (rm.demos) score 0 on average.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine import dist
+from engine.checkpoint import CheckpointError
+from engine.config import DataSection, DistSection, ModelSection, TrainConfig, section
+from engine.data import collate_rankings, encode_rankings, encode_sft, load_rankings, load_sft, unflatten_groups
+from engine.losses import ranking_accuracy, ranking_loss
+from engine.model import GPT, RewardModel
+from engine.trainer import Trainer
+from recipes import common
+
+
+@dataclass
+class RMSection:
+    epochs: float = 1.0          # used when train.max_steps = 0 (paper: one epoch; more overfits)
+    demos: str = ""              # SFT-format demonstrations: shift the bias so they score 0 on average
+
+
+@dataclass
+class RMConfig:
+    model: ModelSection = section(ModelSection)
+    data: DataSection = section(lambda: DataSection(path=str(common.DATA / "rankings_oasst_en.jsonl"),
+                                                    eval_fraction=0.1, seq_len=128))
+    train: TrainConfig = section(lambda: TrainConfig(max_steps=0, batch_size=64, lr=9e-6, warmup_steps=0,
+                                                     weight_decay=0.0, eval_every=0))
+    rm: RMSection = section(RMSection)
+    dist: DistSection = section(DistSection)
+
+
+def group_rewards(m, batch):
+    """Per-completion scores arranged as [B, Kmax] (padding 0) for ranking_loss."""
+    scores = m(batch.ids).gather(1, batch.last_idx[:, None]).squeeze(1)
+    return unflatten_groups(scores, batch.group_sizes)
+
+
+def build_reward_model(cfg, tok, device) -> RewardModel:
+    """Init from an RM run (its head too) or from an LM (SFT) run / model folder (new head)."""
+    if not cfg.model.init:
+        return common.build_model(cfg, tok, device, cls=RewardModel)
+    try:
+        return common.build_model(cfg, tok, device, cls=RewardModel)
+    except SystemExit:
+        return RewardModel.from_gpt(common.build_model(cfg, tok, device, cls=GPT))
+
+
+@torch.no_grad()
+def evaluate(rm, groups, pad_id, device, batch_size=32) -> dict:
+    """Pairwise accuracy and ranking loss over encoded groups."""
+    correct, pairs, loss_sum, n = 0.0, 0, 0.0, 0
+    for c in range(0, len(groups), batch_size):
+        b = collate_rankings(groups[c:c + batch_size], pad_id)
+        b = b._replace(ids=b.ids.to(device), last_idx=b.last_idx.to(device))
+        r = group_rewards(rm, b)
+        rank = b.ranking.to(device)
+        acc, k = ranking_accuracy(r, rank)
+        correct, pairs = correct + float(acc) * int(k), pairs + int(k)
+        loss_sum, n = loss_sum + float(ranking_loss(r, rank)) * len(rank), n + len(rank)
+    return {"accuracy": correct / max(pairs, 1), "loss": loss_sum / max(n, 1), "pairs": pairs}
+
+
+@torch.no_grad()
+def normalize_bias(rm, demos, tok, T, device, batch_size=32) -> float:
+    """Shift the head bias so demonstrations score 0 on average (InstructGPT section 3.5)."""
+    seqs = encode_sft(demos, tok, T)
+    scores = []
+    for c in range(0, len(seqs), batch_size):
+        chunk = seqs[c:c + batch_size]
+        ids = torch.full((len(chunk), max(len(s) for s, _ in chunk)), tok.pad_id, dtype=torch.long)
+        for i, (s, _) in enumerate(chunk):
+            ids[i, :len(s)] = torch.tensor(s)
+        last = torch.tensor([len(s) - 1 for s, _ in chunk])
+        scores.append(rm.score_at(ids.to(device), last.to(device)))
+    mean = float(torch.cat(scores).mean()) if scores else 0.0
+    rm.head.bias.sub_(mean)
+    return mean
+
+
+def main(argv=None):
+    cfg, out = common.parse(RMConfig, argv, "rm")
+    return run(cfg, out)
+
+
+def run(cfg: RMConfig, out: str) -> dict:
+    device = common.setup(cfg, out)
+    records = [r for p in cfg.data.path.split(",") if p for r in load_rankings(p)]
+    tok = common.tokenizer(cfg, out, lambda: [r["prompt"] + "\n" + "\n".join(r["completions"]) for r in records])
+    rm = build_reward_model(cfg, tok, device)
+    T = min(cfg.data.seq_len, rm.cfg.block_size)
+    # Split by prompt so no prompt of the eval set is trained on.
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    perm = torch.randperm(len(records), generator=g).tolist()
+    n_eval = int(len(records) * cfg.data.eval_fraction)
+    groups = encode_rankings([records[i] for i in perm[n_eval:]], tok, T)
+    eval_groups = encode_rankings([records[i] for i in perm[:n_eval]], tok, T)
+    if cfg.train.max_steps <= 0:
+        cfg.train.max_steps = max(1, math.ceil(len(groups) * cfg.rm.epochs / cfg.train.batch_size))
+    n_pairs = sum(len(x["ranking"]) * (len(x["ranking"]) - 1) // 2 for x in groups)
+    dist.print0(f"[rm] {len(groups)} prompts ({n_pairs} max pairs), {len(eval_groups)} held out; "
+                f"{cfg.train.max_steps} steps of {cfg.train.batch_size} prompts")
+    wrapped = dist.wrap(rm, cfg.dist.strategy, device)
+
+    def batch_fn(step, micro):
+        rows = common.rows_for(cfg, len(groups), step, micro, trainer.micro_batch_size, trainer.accum)
+        b = collate_rankings([groups[i] for i in rows.tolist()], tok.pad_id)
+        return b._replace(ids=b.ids.to(device), last_idx=b.last_idx.to(device), ranking=b.ranking.to(device))
+
+    def loss_fn(m, b):
+        r = group_rewards(m, b)
+        loss = ranking_loss(r, b.ranking)
+        acc, _ = ranking_accuracy(r.detach(), b.ranking)
+        return loss, {"accuracy": float(acc), "tokens": float(b.ids.numel())}
+
+    eval_fn = (lambda m: evaluate(m, eval_groups, tok.pad_id, device)) if eval_groups else None
+    trainer = Trainer(wrapped, cfg.train, out, loss_fn=loss_fn, batch_fn=batch_fn, eval_fn=eval_fn,
+                      models={"model": rm}, device=device, desc="rm")
+    info = trainer.fit()
+    rm.eval()
+    result = evaluate(rm, eval_groups, tok.pad_id, device) if eval_groups else {}
+    if cfg.rm.demos:
+        result["demo_mean_before_shift"] = normalize_bias(rm, load_sft(cfg.rm.demos), tok, T, device)
+    common.export(rm, tok, out)
+    dist.print0(f"[rm] done: step {trainer.step} train loss {info.get('loss', float('nan')):.4f} "
+                f"held-out accuracy {result.get('accuracy', float('nan')):.3f} -> {out}/model")
+    return {**info, **{f"eval_{k}": v for k, v in result.items()}}
+
+
+def load_reward_model(path: str, device) -> RewardModel:
+    """An RM run folder (uses its model/) or a RewardModel folder."""
+    import os
+    sub = os.path.join(path, "model")
+    try:
+        return RewardModel.load(sub if os.path.isdir(sub) else path, map_location=device)
+    except CheckpointError as e:
+        raise SystemExit(f"reward model {path}: {e}") from None
+
+
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,8 @@ Public functions (same signature):
                       tile by tile in two passes (one program per key block writes dK, dV; one
                       program per query block writes dQ), so no atomics and reruns are
                       bit-identical.
-    attention_torch   torch SDPA with an explicit boolean mask (is_causal=True when possible).
+    attention_torch   torch SDPA with an explicit boolean mask (is_causal=True when possible);
+                      bf16/fp16 CPU tensors are computed in fp32 and cast back.
 
 Kernel notes: scores use base 2 (exp2 with s * log2(e) folded into one multiplier) and the
 saved logsumexp is in the same base. Key tiles that the mask hides entirely are not visited:
@@ -100,6 +101,12 @@ def attention_ref(q, k, v, *, causal=True, window=None, scale=None, kv_start=Non
 def attention_torch(q, k, v, *, causal=True, window=None, scale=None, kv_start=None):
     """torch SDPA with an explicit boolean mask; rows that see no key return 0 (and get 0 grad)."""
     _check(q, k, v, window, kv_start)
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        # PyTorch's CPU SDPA kernels in bf16/fp16 lose up to ~4x more than dense low-precision
+        # math on large dV entries (measured at T=97, D=64); fp32 costs little on CPU.
+        out = attention_torch(q.float(), k.float(), v.float(), causal=causal, window=window,
+                              scale=scale, kv_start=kv_start)
+        return out.to(q.dtype)
     Tq, Tk = q.shape[2], k.shape[2]
     if window is None and kv_start is None and (not causal or Tq == Tk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
@@ -121,12 +128,23 @@ def attention_torch(q, k, v, *, causal=True, window=None, scale=None, kv_start=N
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
     """a @ b with fp32 accumulation. PREC "upcast" (CPU interpreter, bf16 only): the interpreter
-    multiplies bf16 tiles wrongly, and the operands already carry their bf16 rounding, so an
-    exact fp32 product gives the values a bf16 MMA with fp32 accumulation would."""
+    multiplies bf16 tiles wrongly; the operands already carry their bf16 rounding, so an fp32
+    product gives the values a bf16 MMA with fp32 accumulation would."""
     if PREC == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, PREC: tl.constexpr):
+    """fp32 -> dtype. PREC "upcast" (CPU interpreter, bf16): the interpreter truncates on this
+    cast while the GPU rounds to nearest even, so round the bits first to keep GPU numerics."""
+    if PREC == "upcast":
+        b = x.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -171,7 +189,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
+        acc = acc * alpha[:, None] + _dot(_cast(p, v.dtype, PREC), v, PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -236,7 +254,7 @@ def _attn_fwd(Q, K, V, O, LSE, KV0,
     row_ok = offs_m < Tq
     tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=row_ok)
     o_ptr = O + bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :]
-    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(o_ptr, _cast(out, O.dtype.element_ty, PREC), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
@@ -276,10 +294,10 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, s
             vis = _visible(off + offs_m, offs_n, Tk, kv0, window, CAUSAL, HAS_WINDOW)
             sT = tl.where(tl.trans(vis), sT, float("-inf"))
         pT = tl.math.exp2(sT - lse[None, :])
-        dv += _dot(pT.to(do.dtype), do, PREC)
+        dv += _dot(_cast(pT, do.dtype, PREC), do, PREC)
         dpT = _dot(v, tl.trans(do), PREC)
         dsT = pT * (dpT - delta[None, :])
-        dk += _dot(dsT.to(q.dtype), q, PREC)
+        dk += _dot(_cast(dsT, q.dtype, PREC), q, PREC)
     return dk, dv
 
 
@@ -340,8 +358,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV0,
                          s2, hi, offs_n, offs_d, Tq, Tk, kv0, window, qk_mul, D,
                          BLOCK_M, True, CAUSAL, HAS_WINDOW, PREC)
     out_off = bh.to(tl.int64) * Tk * D + offs_n[:, None] * D + offs_d[None, :]
-    tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=ld)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ld)
+    tl.store(DK + out_off, _cast(dk * scale, DK.dtype.element_ty, PREC), mask=ld)
+    tl.store(DV + out_off, _cast(dv, DV.dtype.element_ty, PREC), mask=ld)
 
 
 @triton.jit
@@ -360,7 +378,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, skd, svt, svd,
         p = tl.math.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, PREC)
+        dq += _dot(_cast(ds, k.dtype, PREC), k, PREC)
     return dq
 
 
@@ -418,7 +436,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV0,
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, skt, skd, svt, svd, s2, hi,
                    pos_m, offs_d, Tk, kv0, window, qk_mul, D, BLOCK_N, True, CAUSAL, HAS_WINDOW, PREC)
     tl.store(DQ + bh.to(tl.int64) * Tq * D + offs_m[:, None] * D + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=ld)
+             _cast(dq * scale, DQ.dtype.element_ty, PREC), mask=ld)
 
 
 # ----------------------------------------------------------------------------- launchers

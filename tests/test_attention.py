@@ -63,13 +63,14 @@ def _naive_lowp(q, k, v, *, causal=True, window=None, scale=None, kv_start=None)
 
 
 def _errors(got, lowp, ref, dtype):
-    """(max error of got, bound) vs ref, bound = 2 * PyTorch's error in dtype + 2 * the error of
-    rounding ref itself to dtype. The second term is the additive slack that flash-attn's tests
-    also allow: P is rounded to dtype before the P^T dO product, and on large dK/dV entries that
-    can cost an ulp more than the dense path happens to lose (SDPA's flash path shows the same)."""
-    rnd = (ref.to(dtype).float() - ref).abs().max().item()
+    """(max error of got, bound) vs the fp32 oracle ref, flash-attn's rule:
+    bound = 2 * (PyTorch's own error in dtype) + 2 * (ref_d + 0.3 - 0.3 - ref_d), where ref_d is
+    ref rounded to dtype; the second term, evaluated in dtype, is the rounding granularity at the
+    size of the entries, so one ulp on the largest entry never decides the test."""
+    ref_d = ref.to(dtype)
+    slack = 2 * (ref_d + 0.3 - 0.3 - ref_d).abs().max().item()
     err = (got.float() - ref).abs().max().item()
-    return err, 2 * (lowp.float() - ref).abs().max().item() + 2 * rnd
+    return err, 2 * (lowp.float() - ref).abs().max().item() + slack
 
 
 def _kv(kv, B):
@@ -113,7 +114,7 @@ def test_invalid_arguments():
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_fp32_matches_oracle(impl, case, D):
     Tq, Tk, causal, window, kv = case
-    B, H = (2, 1) if kv is not None else (1, 2)
+    B, H = (2, 1) if kv is not None else (1, 1)
     fn = A.attention_triton if impl == "triton" else A.attention_torch
     kw = dict(causal=causal, window=window, kv_start=_kv(kv, B))
     q, k, v, do = _inputs(B, H, Tq, Tk, D, torch.float32, seed=Tq * 7 + D)
@@ -122,6 +123,22 @@ def test_fp32_matches_oracle(impl, case, D):
     for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
         assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
         torch.testing.assert_close(g.double(), r, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("off", range(16))
+def test_every_block_alignment(off):
+    """Tk - Tq = off sweeps the query positions across a 16-wide tile grid, so the boundaries of
+    the skipped / unmasked / masked tile ranges land on every residue (off-by-one guard)."""
+    B, H, Tq, D = 1, 1, 33, 24
+    Tk = Tq + off
+    q, k, v, do = _inputs(B, H, Tq, Tk, D, torch.float32, seed=100 + off)
+    kv = _kv([(3 * off) % 23 + 11], B)                   # leaves some early rows with no key
+    for causal, window, kvs in ((True, None, kv), (True, 5, None), (True, 21, kv), (False, 6, None)):
+        kw = dict(causal=causal, window=window, kv_start=kvs)
+        got = _fwd_bwd(A.attention_triton, q, k, v, do, **kw)
+        ref = _fwd_bwd(A.attention_ref, *(t.double() for t in (q, k, v, do)), **kw)
+        for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+            torch.testing.assert_close(g.double(), r, rtol=0, atol=1e-4, msg=lambda m: f"{kw} {name}: {m}")
 
 
 def test_custom_scale_and_unaligned_cache_views():
@@ -150,7 +167,7 @@ def test_custom_scale_and_unaligned_cache_views():
 def test_low_precision_within_2x_pytorch_error(impl, case, dtype):
     """Error vs the fp32 oracle <= 2x the error of plain PyTorch in the same dtype (+ rounding slack)."""
     Tq, Tk, causal, window, kv = case
-    B, H, D = 2, 1, 64
+    B, H, D = (2 if kv is not None else 1), 1, 64
     fn = A.attention_triton if impl == "triton" else A.attention_torch
     kw = dict(causal=causal, window=window, kv_start=_kv(kv, B))
     q, k, v, do = _inputs(B, H, Tq, Tk, D, dtype, seed=3)
@@ -194,6 +211,7 @@ def test_decode_matches_prefill():
             torch.testing.assert_close(step, full[:, :, t - 1:t], rtol=0, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice")     # the interpreter's max over poisoned tiles
 def test_hidden_tiles_are_not_visited():
     """Keys in tiles that a query block cannot see are never read: NaN poison there stays out.
 
@@ -215,6 +233,15 @@ def test_hidden_tiles_are_not_visited():
     torch.testing.assert_close(out[:, :, first_clean:], ref[:, :, first_clean:], rtol=0, atol=1e-5)
     assert torch.isfinite(dq[:, :, first_clean:]).all()
     assert torch.isfinite(dk[:, :, first_clean:]).all() and torch.isfinite(dv[:, :, first_clean:]).all()
+    # causal: future key tiles are not read by earlier query blocks
+    kf, vf = k.clone(), v.clone()
+    kf[:, :, 3 * BN:] = float("nan")
+    vf[:, :, 3 * BN:] = float("nan")
+    got = _fwd_bwd(A.attention_triton, q.detach(), kf, vf, do, causal=True)
+    rows = 3 * BN // BM * BM                              # query blocks ending at or before key 3*BN
+    ref = A.attention_ref(q.detach(), k, v, causal=True)
+    torch.testing.assert_close(got[0][:, :, :rows], ref[:, :, :rows], rtol=0, atol=1e-5)
+    assert torch.isfinite(got[1][:, :, :rows]).all()
     # dK/dV pass: query rows far past a key block's band are not read either
     qp, dop = q.detach().clone(), do.clone()
     qp[:, :, 3 * BM:] = float("nan")
@@ -236,13 +263,12 @@ def test_hidden_tiles_are_not_visited():
 # ----------------------------------------------------------------------------- determinism
 
 def test_backward_is_bit_identical_on_rerun():
-    B, H, T, D = 2, 2, 61, 80
+    B, H, T, D = 2, 1, 45, 80
     q, k, v, do = _inputs(B, H, T, T, D, torch.float32, seed=8)
     kw = dict(causal=True, window=20, kv_start=_kv([0, 7], B))
     first = _fwd_bwd(A.attention_triton, q, k, v, do, **kw)
-    for _ in range(2):
-        again = _fwd_bwd(A.attention_triton, q, k, v, do, **kw)
-        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    again = _fwd_bwd(A.attention_triton, q, k, v, do, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 def test_dispatch_uses_requested_backend(monkeypatch):

@@ -1,0 +1,25 @@
+"""Benchmarks: every kernel and training step side by side with its baselines.
+
+    python -m bench                              # list the benchmarks
+    python -m bench gae --quick --device cpu     # one benchmark, small shapes
+    python -m bench all --quick --plot           # everything, plus PNGs of the sweeps
+
+Each benchmark module exposes `DESCRIPTION` and `run(run: bench.common.Run)`; rows go to
+bench/results/<name>.csv (see bench/common.py for how time and memory are measured).
+"""
+
+# name -> (module, one-line description); `python -m bench all` runs them in this order.
+BENCHMARKS = {
+    "attention": ("bench.attention", "flash attention fwd / fwd+bwd, causal and banded: ours vs SDPA "
+                                     "(flash, efficient), flash-attn, eager"),
+    "logprob": ("bench.logprob", "fused linear -> log-softmax -> gather: ours (Triton / C++) vs "
+                                 "chunked torch, eager, torch.compile, Liger FLCE"),
+    "kl": ("bench.kl", "fused policy/ref logprobs + exact per-token KL: ours vs chunked torch, "
+                       "eager, torch.compile"),
+    "gae": ("bench.gae", "masked GAE: ours (Triton, CUDA, C++) vs the per-timestep Python loop "
+                         "and a vectorized torch scan"),
+    "steps": ("bench.steps", "end-to-end SFT / RM / PPO (rollout + update) steps: tokens/s, MFU, "
+                             "peak memory, PPO generation/training split"),
+}
+
+__all__ = ["BENCHMARKS"]

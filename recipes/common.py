@@ -67,9 +67,13 @@ def setup(cfg, out_dir: str) -> torch.device:
 def tokenizer(cfg, out_dir: str, train_texts=None):
     """The run's tokenizer: data.tokenizer, else the init model's, else this run's (resume),
     else one trained here on `train_texts()` (sentencepiece BPE, data.vocab_size)."""
+    from engine.hf import HFTokenizer, has_hf_tokenizer
     from engine.tokenizer import Tokenizer
 
     for cand in (cfg.data.tokenizer, _init_dir(cfg.model.init), out_dir):
+        if cand and has_hf_tokenizer(cand) and not (Path(cand) / "tokenizer.model").exists():
+            tok = HFTokenizer.load(cand)  # GPT-2 byte-level BPE: vocab.json + merges.txt
+            break
         if cand and (Path(cand) / "tokenizer.model").exists() or (cand and cand.endswith(".model")):
             tok = Tokenizer.load(cand)
             break

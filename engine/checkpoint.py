@@ -276,6 +276,7 @@ def load_training(ckpt_dir: str, models: dict, map_location="cpu",
 
 def _load_sharded(path: str, models: dict, optimizers: dict) -> None:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     if not os.path.exists(os.path.join(path, ".metadata")):
         raise CheckpointError(f"{path}: no .metadata (incomplete sharded checkpoint)")
@@ -291,7 +292,7 @@ def _load_sharded(path: str, models: dict, optimizers: dict) -> None:
             set_optimizer_state_dict(_opt_owner(o, models), o, target["optimizers"][n])
     except CheckpointError:
         raise
-    except Exception as e:  # missing keys, shape mismatch (other model size), unreadable shards
-        msg = str(e).strip().splitlines()
-        raise CheckpointError(f"{path}: cannot load sharded checkpoint into this run "
-                              f"({type(e).__name__}: {' '.join(msg)[:400]})") from None
+    except (Exception, CheckpointException) as e:  # missing keys, other model size, bad shards
+        lines = [x for x in str(e).strip().splitlines() if x.strip()]
+        why = lines[-1].strip() if lines else type(e).__name__  # DCP wraps each rank's traceback
+        raise CheckpointError(f"{path}: cannot load sharded checkpoint into this run ({why[:400]})") from None

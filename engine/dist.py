@@ -166,6 +166,11 @@ def gathered(model: torch.nn.Module):
     a no-op for unsharded models."""
     from torch.distributed.fsdp import FSDPModule
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)] if is_dist() else []
+    if mods and hasattr(mods[0], "_get_fsdp_state"):
+        # Make `model` the FSDP root before any block runs on its own: otherwise the first
+        # block called outside the root's forward claims the root role and the next real
+        # forward fails ("already been lazily initialized").
+        mods[0]._get_fsdp_state()._lazy_init()
     for m in mods:
         m.unshard()
     try:

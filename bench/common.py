@@ -42,7 +42,7 @@ DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 # Columns every row has, in this order; a benchmark's own case / metric columns follow.
-ENV_COLS = ["date", "commit", "device", "device_type", "torch", "triton", "threads", "bench"]
+ENV_COLS = ["date", "commit", "device", "device_type", "torch", "triton", "threads", "bench", "cmd"]
 RESULT_COLS = ["provider", "status", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "mem_method",
                "work", "work_unit", "rate", "rate_unit", "baseline", "speedup_vs_baseline",
                "mem_ratio_vs_baseline"]
@@ -228,6 +228,7 @@ class Run:
             "triton": triton_version(),
             "threads": torch.get_num_threads() if device == "cpu" else "",
             "bench": bench,
+            "cmd": "python -m bench " + " ".join(sys.argv[1:]),
         }
         self.rows: list[dict] = []
 

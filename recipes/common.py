@@ -98,17 +98,46 @@ def _init_dir(init: str) -> str:
 
 
 def build_model(cfg, tok, device, cls=None):
-    """GPT (or `cls`) sized from model.* with the tokenizer's vocab; weights from model.init."""
-    from engine.model import GPT
+    """GPT (or RewardModel via `cls`) with weights from model.init.
+
+    model.init may be a run folder (its model/ is used), a model folder written by `.save()`, a
+    training checkpoint folder, or a Hugging Face GPT-2 folder. The architecture comes from the
+    init model's config.json (model.dropout / model.window still override it); without an init
+    it comes from model.preset and the tokenizer's vocabulary.
+    """
+    import json
+
+    from engine.hf import from_hf, is_hf_model_dir
+    from engine.model import GPT, read_config
 
     cls = cls or GPT
+    over = {k: getattr(cfg.model, k) for k in ("dropout", "window") if getattr(cfg.model, k) is not None}
+    src = cfg.model.init
+    if src and (Path(src) / "model").is_dir():
+        src = str(Path(src) / "model")
+    if src and is_hf_model_dir(src):
+        lm = from_hf(GPT, src, **over)
+        model = cls(lm.cfg) if cls is not GPT else lm
+        if cls is not GPT:
+            model.trunk.load_state_dict(lm.state_dict())
+        return model.to(device)
+    if src and (Path(src) / "config.json").exists():
+        gcfg = read_config(src)
+        for k, v in over.items():
+            setattr(gcfg, k, v)
+        model = cls(gcfg).to(device)
+        kind = json.loads((Path(src) / "config.json").read_text()).get("model_class", "GPT")
+        target = model.trunk if (kind == "GPT" and cls is not GPT) else model
+        try:
+            load_weights(target, src)
+        except CheckpointError as e:
+            raise SystemExit(f"model.init: {e}") from None
+        return model
     vocab = cfg.model.vocab_size or tok.vocab_size
     model = cls(cfg.model.gpt_config(vocab_size=vocab)).to(device)
-    if cfg.model.init:
-        init = cfg.model.init
-        sub = Path(init) / "model"
+    if src:  # a training checkpoint folder (run/ckpt/step_N) of the same architecture
         try:
-            load_weights(model, str(sub) if sub.exists() else init)
+            load_weights(model, src)
         except CheckpointError as e:
             raise SystemExit(f"model.init: {e}") from None
     return model

@@ -30,6 +30,10 @@ class PretrainConfig:
 
 def main(argv=None):
     cfg, out = common.parse(PretrainConfig, argv, "pretrain")
+    return run(cfg, out)
+
+
+def run(cfg: PretrainConfig, out: str) -> dict:
     device = common.setup(cfg, out)
     paths = [p for p in cfg.data.path.split(",") if p]
     texts = [load_text(p) for p in paths]

@@ -22,7 +22,7 @@ from engine.checkpoint import CheckpointError
 from engine.config import DataSection, DistSection, ModelSection, TrainConfig, section
 from engine.data import collate_rankings, encode_rankings, encode_sft, load_rankings, load_sft, unflatten_groups
 from engine.losses import ranking_accuracy, ranking_loss
-from engine.model import GPT, RewardModel
+from engine.model import RewardModel
 from engine.trainer import Trainer
 from recipes import common
 
@@ -48,16 +48,6 @@ def group_rewards(m, batch):
     """Per-completion scores arranged as [B, Kmax] (padding 0) for ranking_loss."""
     scores = m(batch.ids).gather(1, batch.last_idx[:, None]).squeeze(1)
     return unflatten_groups(scores, batch.group_sizes)
-
-
-def build_reward_model(cfg, tok, device) -> RewardModel:
-    """Init from an RM run (its head too) or from an LM (SFT) run / model folder (new head)."""
-    if not cfg.model.init:
-        return common.build_model(cfg, tok, device, cls=RewardModel)
-    try:
-        return common.build_model(cfg, tok, device, cls=RewardModel)
-    except SystemExit:
-        return RewardModel.from_gpt(common.build_model(cfg, tok, device, cls=GPT))
 
 
 @torch.no_grad()
@@ -101,7 +91,7 @@ def run(cfg: RMConfig, out: str) -> dict:
     device = common.setup(cfg, out)
     records = [r for p in cfg.data.path.split(",") if p for r in load_rankings(p)]
     tok = common.tokenizer(cfg, out, lambda: [r["prompt"] + "\n" + "\n".join(r["completions"]) for r in records])
-    rm = build_reward_model(cfg, tok, device)
+    rm = common.build_model(cfg, tok, device, cls=RewardModel)
     T = min(cfg.data.seq_len, rm.cfg.block_size)
     # Split by prompt so no prompt of the eval set is trained on.
     g = torch.Generator().manual_seed(cfg.train.seed)

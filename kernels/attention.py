@@ -36,7 +36,11 @@ v, dO may be strided views (k/v slices of a larger static cache are fine).
 
 Caution:
   * fp32 inputs use IEEE fp32 dot products (no TF32), so they are slower than bf16/fp16.
-  * Only the forward is exercised for decode shapes; Tq = 1 backward works but is not tuned.
+  * Decode shapes (Tq <= 16) run one 16-row query block per head; their backward is correct
+    but not tuned.
+  * Under TRITON_INTERPRET=1 (CPU) bf16 tiles are multiplied in fp32 and fp32 -> bf16 casts are
+    rounded to nearest even by hand, because the interpreter gets both wrong; fp16 and fp32 need
+    no emulation.
   * The GPU block-size / num_warps / num_stages table targets H100/H200; other GPUs may need
     smaller tiles (shared-memory limits) for D > 128 or fp32 inputs.
   * window must be >= 1; a non-causal window limits only the past (j > p_i - window).
@@ -528,6 +532,7 @@ class _AttentionFn(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse, kv_start = ctx.saved_tensors
         causal, window, scale = ctx.args

@@ -362,7 +362,9 @@ def plot_sweep(run: Run, *, x: str, series: list[str], facets: list[str], y: str
     rows = [r for r in run.rows if r["status"] == "ok" and isinstance(r.get(y), (int, float))]
     if not rows:
         return None
-    panels = sorted({tuple(r.get(f) for f in facets) for r in rows}, key=str)
+    def order(t):
+        return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in t)
+    panels = sorted({tuple(r.get(f) for f in facets) for r in rows}, key=order)
     n = len(panels)
     cols = min(n, 4)
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * ((n + cols - 1) // cols)),

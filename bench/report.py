@@ -26,6 +26,9 @@ bench/common.py (CPU memory = peak RSS delta of one call, `cpu_rss_hwm_delta`; G
 module. `commit` ending in `-dirty`: the working tree differed from that commit when measured.
 
 Rerun: `python -m bench all --quick --threads 1 --plot` (CPU), `bash bench/gpu_suite.sh` (GPU).
+The CPU rows below come from a small machine shared with other jobs: absolute times move between
+runs, so compare providers within one run (they share a process and inputs), not across runs.
+On CPU, `ours` is the C++ op (logprob, kl, gae) or the SDPA path (attention); MFU is n/a.
 """
 
 
@@ -67,6 +70,69 @@ def table(rows):
     return "\n".join(lines)
 
 
+def _f(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def targets(res: Path) -> str:
+    """The DESIGN.md sec. 6 bars, checked against the latest run per device (computed here)."""
+    out = ["## Targets (DESIGN.md sec. 6) against the latest runs\n"]
+
+    def runs(name):
+        path = res / f"{name}.csv"
+        return latest_runs(path) if path.exists() else {}
+
+    for dev, rows in runs("gae").items():
+        ok = {r["provider"]: r for r in rows if r["status"] == "ok" and r["B"] == "512" and r["T"] == "1024"}
+        if ok:
+            parts = [f"{p} {_f(r['speedup_vs_baseline']):.1f}x ({_num(r['median_ms'])} ms)"
+                     for p, r in ok.items() if p != "loop"]
+            out.append(f"- GAE, {dev}, B=512 T=1024, speedup vs the Python loop "
+                       f"({_num(ok['loop']['median_ms']) if 'loop' in ok else '?'} ms): " + ", ".join(parts)
+                       + (" (bar on GPU: >= 100x)" if dev == "cuda" else ""))
+    for name in ("logprob", "kl"):
+        for dev, rows in runs(name).items():
+            for r in rows:
+                if r["provider"] == "ours" and r["status"] == "ok" and r["V"] == "50257":
+                    sp, mr = _f(r.get("speedup_vs_baseline")), _f(r.get("mem_ratio_vs_baseline"))
+                    out.append(f"- {name} {r['mode']}, {dev}, N={r['N']} d={r['d']} V=50257: ours vs eager "
+                               f"time {sp:.2f}x, peak memory {mr:.3f} of eager "
+                               f"(bar: memory <= 0.125, time >= 1x): "
+                               f"{'met' if sp and mr is not None and sp >= 1 and mr <= 0.125 else 'NOT met'}")
+            if dev == "cpu":
+                for r in rows:
+                    if r["provider"] != "ours" or r["status"] != "ok":
+                        continue
+                    ch = next((c for c in rows if c["provider"] == "chunked" and c["status"] == "ok"
+                               and all(c[k] == r[k] for k in ("mode", "N", "d", "V"))), None)
+                    if ch:
+                        x = _f(ch["median_ms"]) / _f(r["median_ms"])
+                        out.append(f"- {name} {r['mode']}, cpu, N={r['N']} d={r['d']} V={r['V']}: C++ op "
+                                   f"{x:.2f}x the chunked PyTorch path ({'faster' if x > 1 else 'NOT faster'})")
+    for dev, rows in runs("attention").items():
+        if dev != "cuda":
+            continue
+        for r in rows:
+            if (r["provider"] == "ours" and r["status"] == "ok" and r["mode"] == "fwd_bwd"
+                    and r["mask"] == "causal" and r.get("baseline") == "sdpa_flash"):
+                sp = _f(r.get("speedup_vs_baseline"))
+                out.append(f"- attention fwd+bwd causal, cuda, T={r['T']} D={r['D']}: ours "
+                           f"{_num(r['rate'])} TFLOP/s, {sp:.2f}x sdpa_flash "
+                           f"({'met' if sp and sp >= 1 else 'NOT met'})")
+    for dev, rows in runs("steps").items():
+        for r in rows:
+            if r["status"] == "ok":
+                mfu = _f(r.get("mfu"))
+                out.append(f"- {r['stage']} step, {r['preset']}, {dev}: {_num(r['rate'])} tokens/s, MFU "
+                           + (f"{mfu * 100:.1f}%" if mfu is not None else "n/a")
+                           + (f", generation {_f(r['gen_frac']) * 100:.0f}% of the PPO iteration"
+                              if r["stage"] == "ppo" else ""))
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.report")
     p.add_argument("--results-dir", default=str(DEFAULT_RESULTS))
@@ -76,6 +142,7 @@ def main(argv=None):
     parts = [HEADER]
     if a.notes:
         parts.append(Path(a.notes).read_text())
+    parts.append(targets(res))
     for name in BENCHMARKS:
         path = res / f"{name}.csv"
         if not path.exists():

@@ -50,17 +50,23 @@ class StageSteps:
     sft: int = 300
     rm_epochs: float = 2.0
     ppo: int = 50                  # PPO iterations (each ppo.batch_size episodes)
+    ppo_lr: float = 1e-4           # policy lr (the value model uses ppo.value_lr)
 
 
 @dataclass
 class InstructGPTConfig:
     model: ModelSection = section(ModelSection)
     data: DataSection = section(lambda: DataSection(vocab_size=512, seq_len=128))
-    train: TrainConfig = section(lambda: TrainConfig(seed=0, progress=False, threads=1))
+    train: TrainConfig = section(lambda: TrainConfig(seed=0, progress=False))
     world: WorldSection = section(WorldSection)
     steps: StageSteps = section(StageSteps)
+    # Paper settings except: batch 64 episodes (not 512) so 50 iterations fit on a CPU; beta 0.1
+    # and an EOS penalty against length hacking of a small RM; ptx_coef 1 because the tiny world's
+    # PPO loss is far smaller than the paper's; EMA decay 0.9 because 0.992 averages over ~125
+    # iterations and would export a policy that barely moved from SFT in 50.
     ppo: PPOConfig = section(lambda: PPOConfig(batch_size=64, minibatch_size=32, beta=0.1,
-                                               max_new_tokens=24, ptx_coef=1.0, no_eos_penalty=1.0))
+                                               max_new_tokens=24, ptx_coef=1.0, no_eos_penalty=1.0,
+                                               ema_decay=0.9))
     eval: evaluate.EvalSection = section(evaluate.EvalSection)
 
 
@@ -187,7 +193,7 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
         pp.ppo = copy.deepcopy(cfg.ppo)
         pp.ppo.ptx_coef = coef
         pp.model.init, pp.model.dropout = d.format("sft"), 0.0
-        pp.train.max_steps, pp.train.lr, pp.train.eval_every, pp.train.ckpt_every = cfg.steps.ppo, 5e-5, 10, 25
+        pp.train.max_steps, pp.train.lr, pp.train.eval_every, pp.train.ckpt_every = cfg.steps.ppo, cfg.steps.ppo_lr, 10, 25
         timed(name, lambda: ppo.run(pp, d.format(name), eval_hook=win_hook))
 
     # --- 5. evaluation with held-out labelers on held-out prompts -----------------------------

@@ -102,7 +102,7 @@ def build_model(cfg, tok, device, cls=None):
 
     model.init may be a run folder (its model/ is used), a model folder written by `.save()`, a
     training checkpoint folder, or a Hugging Face GPT-2 folder. The architecture comes from the
-    init model's config.json (model.dropout / model.window still override it); without an init
+    init model's config.json (model.window overrides it); without an init
     it comes from model.preset and the tokenizer's vocabulary.
     """
     import json
@@ -111,7 +111,10 @@ def build_model(cfg, tok, device, cls=None):
     from engine.model import GPT, read_config
 
     cls = cls or GPT
+    # The init's training-time dropout is not inherited (SFT's 0.2 must not leak into the RM or
+    # PPO): dropout is this run's model.dropout, 0 when unset.
     over = {k: getattr(cfg.model, k) for k in ("dropout", "window") if getattr(cfg.model, k) is not None}
+    over.setdefault("dropout", 0.0)
     src = cfg.model.init
     if src and (Path(src) / "model").is_dir():
         src = str(Path(src) / "model")

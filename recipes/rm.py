@@ -131,12 +131,13 @@ def run(cfg: RMConfig, out: str) -> dict:
     return {**info, **{f"eval_{k}": v for k, v in result.items()}}
 
 
-def load_reward_model(path: str, device) -> RewardModel:
-    """An RM run folder (uses its model/) or a RewardModel folder."""
+def load_reward_model(path: str, device, dropout: float = 0.0) -> RewardModel:
+    """An RM run folder (uses its model/) or a RewardModel folder; dropout off by default
+    (scoring, and PPO's value model, must be deterministic)."""
     import os
     sub = os.path.join(path, "model")
     try:
-        return RewardModel.load(sub if os.path.isdir(sub) else path, map_location=device)
+        return RewardModel.load(sub if os.path.isdir(sub) else path, map_location=device, dropout=dropout)
     except CheckpointError as e:
         raise SystemExit(f"reward model {path}: {e}") from None
 

@@ -107,3 +107,19 @@ def test_instructgpt_pipeline_smoke(tmp_path):
     assert set(report["rm_accuracy"]) == {"train_labelers", "heldout_labelers"}
     assert os.path.exists(os.path.join(out, "report.md")) and os.path.exists(os.path.join(out, "curves.png"))
     assert rep["wall_time_s"]["total"] > 0
+
+
+def test_sft_keeps_the_checkpoint_the_rm_scores_best(runs, tmp_path):
+    out = str(tmp_path / "sft_rm")
+    sft.main(["--train.progress=false", "--data.seq_len=64", "--train.threads=1",
+              f"--model.init={runs['pt']}", "--train.max_steps=4", "--train.batch_size=4",
+              "--train.eval_every=2", f"--sft.rm={runs['rm']}", "--sft.rm_prompts=4",
+              "--sft.max_new_tokens=4", "--out", out])
+    rows = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "eval_rm_score" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    best = max(rows, key=lambda r: r["eval_rm_score"])
+    from engine import GPT
+    exported, kept = GPT.load(os.path.join(out, "model")), GPT.load(os.path.join(out, "best"))
+    for a, b in zip(exported.parameters(), kept.parameters()):
+        assert torch.equal(a, b)
+    assert best["eval_rm_score"] == max(r["eval_rm_score"] for r in rows)

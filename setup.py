@@ -16,7 +16,8 @@ setup(
     description="A small, fast GPT-3 / InstructGPT (SFT, K-wise RM, PPO-ptx) training engine",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "recipes", "recipes.*", "bench", "bench.*"]),
-    package_data={"recipes": ["configs/*.toml", "data/*"], "kernels": ["../csrc/*"]},
+    # csrc/ is compiled from the source tree (pip install -e .); without it kernels fall back to PyTorch.
+    package_data={"recipes": ["configs/*.toml", "data/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.5,<=2.14.1",

@@ -60,11 +60,11 @@ class InstructGPTConfig:
     train: TrainConfig = section(lambda: TrainConfig(seed=0, progress=False))
     world: WorldSection = section(WorldSection)
     steps: StageSteps = section(StageSteps)
-    # Paper settings except: batch 64 episodes (not 512) so 50 iterations fit on a CPU; beta 0.1
+    # Paper settings except: batch 128 episodes (not 512) so 50 iterations fit on a CPU; beta 0.1
     # and an EOS penalty against length hacking of a small RM; ptx_coef 1 because the tiny world's
     # PPO loss is far smaller than the paper's; EMA decay 0.9 because 0.992 averages over ~125
     # iterations and would export a policy that barely moved from SFT in 50.
-    ppo: PPOConfig = section(lambda: PPOConfig(batch_size=64, minibatch_size=32, beta=0.1,
+    ppo: PPOConfig = section(lambda: PPOConfig(batch_size=128, minibatch_size=32, beta=0.1,
                                                max_new_tokens=24, ptx_coef=1.0, no_eos_penalty=1.0,
                                                ema_decay=0.9))
     eval: evaluate.EvalSection = section(evaluate.EvalSection)

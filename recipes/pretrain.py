@@ -65,8 +65,8 @@ def run(cfg: PretrainConfig, out: str) -> dict:
                       models={"model": model}, device=device, desc="pretrain")
     info = trainer.fit()
     common.export(model, tok, out)
-    dist.print0(f"[pretrain] done: step {trainer.step} loss {info.get('loss', float('nan')):.4f} "
-                f"eval_loss {info.get('eval_loss', float('nan')):.4f} -> {out}/model")
+    shown = " ".join(f"{k} {info[k]:.4f}" for k in ("loss", "eval_loss") if k in info)
+    dist.print0(f"[pretrain] done: step {trainer.step} {shown} -> {out}/model")
     return info
 
 

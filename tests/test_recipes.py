@@ -123,3 +123,18 @@ def test_sft_keeps_the_checkpoint_the_rm_scores_best(runs, tmp_path):
     for a, b in zip(exported.parameters(), kept.parameters()):
         assert torch.equal(a, b)
     assert best["eval_rm_score"] == max(r["eval_rm_score"] for r in rows)
+
+
+def test_ppo_exact_kl_and_k3_estimator(runs, tmp_path):
+    rows = {}
+    for name, extra in (("k3", ["--ppo.kl_estimator=k3"]), ("exact", ["--rl.exact_kl=true"])):
+        out = str(tmp_path / name)
+        ppo.main(["--train.progress=false", "--data.seq_len=64", "--train.threads=1",
+                  f"--model.init={runs['sft']}", f"--rl.rm={runs['rm']}", "--train.max_steps=2",
+                  "--ppo.batch_size=8", "--ppo.minibatch_size=4", "--ppo.max_new_tokens=8",
+                  "--out", out, *extra])
+        rows[name] = read_metrics(os.path.join(out, "metrics.jsonl"))
+    # Both penalties are >= 0 per token (k3 and the exact KL), and 0 before any update.
+    for name, r in rows.items():
+        assert r[0]["kl"] == pytest.approx(0.0, abs=1e-6), name
+        assert r[1]["kl"] >= -1e-6, name

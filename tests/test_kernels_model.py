@@ -14,10 +14,9 @@ def train_losses(monkeypatch, backend, steps=20):
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("tiny", **CFG))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 61, (2, 13), generator=torch.Generator().manual_seed(1))
     out = []
-    for _ in range(steps):
-        x = torch.randint(0, 61, (2, 13), generator=g)
+    for _ in range(steps):  # one batch over and over: the loss must fall fast
         loss = -model.logprobs(x).mean()
         opt.zero_grad()
         loss.backward()
@@ -34,7 +33,7 @@ def test_tiny_training_matches_reference(monkeypatch, backend):
             pytest.skip("C++ ops not built on this machine")
     ref = train_losses(monkeypatch, "ref")
     ours = train_losses(monkeypatch, backend)
-    assert ref[-1] < ref[0] - 0.3  # it trains
+    assert ref[-1] < ref[0] - 1.0  # it trains
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=1e-4, atol=1e-4)
 
 

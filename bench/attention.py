@@ -17,7 +17,6 @@ FLOPs (written here, flash-attention benchmarks/benchmark_flash_attention.py con
 Baseline: GPU causal sdpa_flash, GPU banded flash_attn if installed else sdpa_efficient; CPU eager.
 Target (DESIGN.md sec. 6): ours fwd+bwd >= sdpa_flash.
 """
-import contextlib
 
 import torch
 import torch.nn.functional as F

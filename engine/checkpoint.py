@@ -91,16 +91,31 @@ def save_model(module: torch.nn.Module, path: str, state_dict: dict | None = Non
     atomic_write_bytes(os.path.join(path, "config.json"), json.dumps(cfg, indent=1).encode())
 
 
-def load_model(cls, path: str, map_location="cpu", **overrides):
+def read_model_config(path: str, **overrides):
+    """GPTConfig of a model folder (config.json written by `save_model`), with overrides."""
+    from dataclasses import fields
+
     from .config import GPTConfig
 
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{path}: no config.json (not a model folder)")
-    with open(cfg_path) as f:
-        d = json.load(f)
+    try:
+        with open(cfg_path) as f:
+            d = json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
     d.pop("model_class", None)
-    model = cls(GPTConfig(**{**d, **overrides}))
+    valid = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(d) - valid)
+    if unknown:
+        raise CheckpointError(f"{cfg_path}: unknown GPTConfig keys {unknown} (a Hugging Face folder? "
+                              "use engine.GPT.from_hf)")
+    return GPTConfig(**{**d, **overrides})
+
+
+def load_model(cls, path: str, map_location="cpu", **overrides):
+    model = cls(read_model_config(path, **overrides))
     return _load_state(model, os.path.join(path, "model.safetensors"), map_location).to(map_location)
 
 

@@ -16,10 +16,7 @@ of row b. Position ids then start at 0 on the first real token, and pad keys are
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -28,6 +25,19 @@ import torch.nn.functional as F
 import kernels
 
 from .config import GPTConfig
+
+
+class SaveLoad:
+    """`model.save(dir)` / `Cls.load(dir)`: config.json + model.safetensors, written atomically."""
+
+    def save(self, path: str) -> None:
+        from .checkpoint import save_model
+        save_model(self, path)
+
+    @classmethod
+    def load(cls, path: str, map_location="cpu", **overrides):
+        from .checkpoint import load_model
+        return load_model(cls, path, map_location=map_location, **overrides)
 
 
 class KVCache:
@@ -84,7 +94,7 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
-class GPT(nn.Module):
+class GPT(SaveLoad, nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
@@ -195,16 +205,6 @@ class GPT(nn.Module):
             return ids, lp, kv_start
         return ids
 
-    # ------------------------------------------------------------------ save / load
-    def save(self, path: str) -> None:
-        """Write config.json + model.safetensors into directory `path` (atomically)."""
-        from .checkpoint import save_model
-        save_model(self, path)
-
-    @classmethod
-    def load(cls, path: str, map_location="cpu", **overrides):
-        from .checkpoint import load_model
-        return load_model(cls, path, map_location=map_location, **overrides)
 
 
 def _left_pad(idx, kv_start, pad_id, device):
@@ -237,7 +237,7 @@ def _sample(logits, temperature, top_p, generator):
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
-class RewardModel(nn.Module):
+class RewardModel(SaveLoad, nn.Module):
     """GPT trunk + scalar head: idx [B,T] -> per-token scores [B,T]. Also the PPO value model.
 
     The reward of a response is the score at its last token (the EOS, or the last token when
@@ -267,25 +267,12 @@ class RewardModel(nn.Module):
         rm.trunk.load_state_dict(gpt.state_dict())
         return rm
 
-    def save(self, path: str) -> None:
-        from .checkpoint import save_model
-        save_model(self, path)
-
-    @classmethod
-    def load(cls, path: str, map_location="cpu", **overrides):
-        from .checkpoint import load_model
-        return load_model(cls, path, map_location=map_location, **overrides)
-
-
-def config_dict(cfg: GPTConfig) -> dict:
-    return asdict(cfg)
 
 
 def read_config(path: str) -> GPTConfig:
-    with open(os.path.join(path, "config.json")) as f:
-        d = json.load(f)
-    d.pop("model_class", None)
-    return GPTConfig(**d)
+    """The GPTConfig of a model folder written by `.save()`."""
+    from .checkpoint import read_model_config
+    return read_model_config(path)
 
 
 

@@ -73,20 +73,30 @@ def attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None):
     return attention_torch(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
 
 
+# op -> {backend: (module, function)}; "cpp" functions live in kernels/_cpp.py.
+_IMPLS = {
+    "linear_logprobs": {"ref": ("logprob", "linear_logprobs_ref"), "triton": ("logprob", "linear_logprobs_triton"),
+                        "torch": ("logprob", "linear_logprobs_chunked"), "cpp": ("_cpp", "linear_logprobs")},
+    "linear_kl": {"ref": ("kl", "linear_kl_ref"), "triton": ("kl", "linear_kl_triton"),
+                  "torch": ("kl", "linear_kl_chunked"), "cpp": ("_cpp", "linear_kl")},
+    "gae": {"ref": ("gae", "gae_ref"), "triton": ("gae", "gae_triton"), "torch": ("gae", "gae_torch"),
+            "cpp": ("_cpp", "gae")},
+}
+
+
+def _impl(op: str, t):
+    mod, fn = _IMPLS[op][backend(t)]
+    return getattr(_mod(mod), fn)
+
+
 def linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False):
     """log_softmax(hidden @ weight.T / temperature).gather(targets) without the [N, V] logits.
 
     hidden [N,d], weight [V,d], targets [N] long (-100 = ignored: 0 out, no gradient)
     -> logp [N] fp32 (and entropy [N] fp32 if return_entropy).
     """
-    b = backend(hidden)
-    logprob = _mod("logprob")
-    fn = {"ref": logprob.linear_logprobs_ref, "triton": getattr(logprob, "linear_logprobs_triton", None),
-          "torch": getattr(logprob, "linear_logprobs_chunked", None)}.get(b)
-    if b == "cpp":
-        from . import _cpp
-        fn = _cpp.linear_logprobs
-    return fn(hidden, weight, targets, temperature=temperature, return_entropy=return_entropy)
+    return _impl("linear_logprobs", hidden)(hidden, weight, targets, temperature=temperature,
+                                            return_entropy=return_entropy)
 
 
 def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, temperature=1.0):
@@ -94,14 +104,8 @@ def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, temperature=1.
 
     -> (logp [N], ref_logp [N], kl [N]) fp32; gradients flow to hidden and weight only.
     """
-    b = backend(hidden)
-    kl = _mod("kl")
-    fn = {"ref": kl.linear_kl_ref, "triton": getattr(kl, "linear_kl_triton", None),
-          "torch": getattr(kl, "linear_kl_chunked", None)}.get(b)
-    if b == "cpp":
-        from . import _cpp
-        fn = _cpp.linear_kl
-    return fn(hidden, weight, ref_hidden, ref_weight, targets, temperature=temperature)
+    return _impl("linear_kl", hidden)(hidden, weight, ref_hidden, ref_weight, targets,
+                                      temperature=temperature)
 
 
 def gae(rewards, values, mask, *, gamma, lam):
@@ -111,11 +115,4 @@ def gae(rewards, values, mask, *, gamma, lam):
     on positions with m_t = 1; padding (m_t = 0) gives 0 and the scan never crosses it.
     returns = advantages + values (0 on padding).
     """
-    b = backend(rewards)
-    _gae = _mod("gae")
-    fn = {"ref": _gae.gae_ref, "triton": getattr(_gae, "gae_triton", None),
-          "torch": getattr(_gae, "gae_torch", None)}.get(b)
-    if b == "cpp":
-        from . import _cpp
-        fn = _cpp.gae
-    return fn(rewards, values, mask, gamma=gamma, lam=lam)
+    return _impl("gae", rewards)(rewards, values, mask, gamma=gamma, lam=lam)

@@ -24,7 +24,7 @@ import kernels
 from engine import dist
 from engine.config import DataSection, DistSection, ModelSection, TrainConfig, section
 from engine.data import TokenStream, load_prompts, load_text
-from engine.losses import masked_mean, ppo_policy_loss, ptx_loss, value_loss
+from engine.losses import ppo_policy_loss, ptx_loss, value_loss
 from engine.ppo import (AdaptiveKLController, FixedKLController, PPOConfig, RunningMoments,
                         compute_advantages, ema_update, shaped_rewards)
 from engine.rollout import Rollout, generate_responses, policy_logprobs, score_responses, values

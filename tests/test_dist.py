@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import json
-import os
 import subprocess
 import sys
 

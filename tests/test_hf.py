@@ -2,7 +2,6 @@
 GPT-2 byte-level BPE tokenizer matches transformers' GPT2TokenizerFast."""
 import json
 import os
-import warnings
 
 import pytest
 import torch

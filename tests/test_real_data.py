@@ -7,7 +7,6 @@ recipes.evaluate_real reproduces the RM recipe's held-out split, and a Hugging F
 (model + byte-level BPE) can start a recipe.
 """
 import json
-import os
 from pathlib import Path
 
 import pytest

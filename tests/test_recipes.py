@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.metrics import read_metrics
-from recipes import evaluate, instructgpt, pretrain, ppo, rm, sft
+from recipes import instructgpt, pretrain, ppo, rm, sft
 from recipes.common import DATA
 
 def losses(run):

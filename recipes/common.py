@@ -70,7 +70,7 @@ def tokenizer(cfg, out_dir: str, train_texts=None):
     from engine.hf import HFTokenizer, has_hf_tokenizer
     from engine.tokenizer import Tokenizer
 
-    for cand in (cfg.data.tokenizer, _init_dir(cfg.model.init), out_dir):
+    for cand in (cfg.data.tokenizer, cfg.model.init, out_dir):
         if cand and has_hf_tokenizer(cand) and not (Path(cand) / "tokenizer.model").exists():
             tok = HFTokenizer.load(cand)  # GPT-2 byte-level BPE: vocab.json + merges.txt
             break
@@ -88,13 +88,6 @@ def tokenizer(cfg, out_dir: str, train_texts=None):
     if dist.is_main() and not (Path(out_dir) / "tokenizer.model").exists():
         tok.save(out_dir)
     return tok
-
-
-def _init_dir(init: str) -> str:
-    """model.init may name a run folder (use its model/) or a model folder."""
-    if init and (Path(init) / "model" / "config.json").exists():
-        return init
-    return init
 
 
 def build_model(cfg, tok, device, cls=None):

@@ -29,7 +29,7 @@ from engine.model import GPT
 from engine.ppo import PPOConfig
 from engine.rollout import generate_responses
 from engine.tokenizer import Tokenizer
-from recipes import evaluate, pretrain, ppo, rm, sft
+from recipes import common, evaluate, ppo, pretrain, rm, sft
 from recipes.world import SIZES, World, win_rate
 
 
@@ -112,13 +112,11 @@ def rm_accuracy(reward_model, tok, path, T, device) -> float:
 
 
 def main(argv=None):
-    from recipes import common
     cfg, out = common.parse(InstructGPTConfig, argv, "instructgpt")
     return run(cfg, out)
 
 
 def run(cfg: InstructGPTConfig, out: str) -> dict:
-    from recipes import common
     t_start = time.time()
     device = common.setup(cfg, out)
     world = World(cfg.world.seed)

@@ -8,25 +8,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-TINY = ["--data.seq_len=32", "--train.threads=1", "--train.progress=false", "--train.eval_every=0"]
-
-
-def env(**extra) -> dict:
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "ENGINE_NO_CSRC": "1", "PYTHONUNBUFFERED": "1"}
-    e.pop("ENGINE_INJECT_NAN_STEP", None)
-    e.update({k: str(v) for k, v in extra.items()})
-    return e
-
-
-def cmd(stage: str, out, args) -> list:
-    return [sys.executable, "-m", f"recipes.{stage}", "--out", str(out), *TINY, *args]
+from tests.recipe_cli import ROOT, cmd, env
 
 
 def losses(out) -> list:

@@ -17,6 +17,8 @@ Attention has no C++ op: on CPU, `auto` and `cpp` use the SDPA path.
 import importlib
 import os
 
+import torch
+
 from .attention import attention_ref
 from .gae import gae_ref
 from .kl import linear_kl_ref
@@ -89,23 +91,59 @@ def _impl(op: str, t):
     return getattr(_mod(mod), fn)
 
 
+def _compute_pair(hidden, weight):
+    """The (hidden, weight) pair in the dtype the fused LM head computes in (engine/precision.py).
+
+    Under autocast: the autocast dtype (tensor-core tiles on CUDA, even when LayerNorm handed
+    over fp32 activations and the weight is an fp32 master copy). Without autocast, a pair of
+    different float dtypes (FSDP2 gathers bf16 weights while a LayerNorm returns fp32) computes
+    in the weight's dtype. The casts are differentiable, so gradients reach the original dtypes.
+    """
+    if not (isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return hidden, weight  # the op's own checks name the bad argument
+    if not (hidden.is_floating_point() and weight.is_floating_point()):
+        return hidden, weight
+    dt = weight.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        dt = torch.get_autocast_dtype(hidden.device.type)
+    return hidden.to(dt), weight.to(dt)
+
+
+def _no_autocast(t):
+    # The impls pick their own precision (fp32 accumulation, fp32 softmax); autocast inside
+    # them would re-cast their fp32 GEMMs to bf16.
+    dev = t.device.type if isinstance(t, torch.Tensor) else "cpu"
+    return torch.autocast(dev, enabled=False)
+
+
 def linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False):
     """log_softmax(hidden @ weight.T / temperature).gather(targets) without the [N, V] logits.
 
     hidden [N,d], weight [V,d], targets [N] long (-100 = ignored: 0 out, no gradient)
     -> logp [N] fp32 (and entropy [N] fp32 if return_entropy).
+    Follows autocast: under it the products are computed in the autocast dtype (see
+    `_compute_pair`); the softmax and the outputs stay fp32.
     """
-    return _impl("linear_logprobs", hidden)(hidden, weight, targets, temperature=temperature,
-                                            return_entropy=return_entropy)
+    hidden, weight = _compute_pair(hidden, weight)
+    with _no_autocast(hidden):
+        return _impl("linear_logprobs", hidden)(hidden, weight, targets, temperature=temperature,
+                                                return_entropy=return_entropy)
 
 
 def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, temperature=1.0):
     """Target logprob under policy and reference and the exact per-token KL(pi || pi_ref).
 
     -> (logp [N], ref_logp [N], kl [N]) fp32; gradients flow to hidden and weight only.
+    Follows autocast like `linear_logprobs` (policy and reference in the same compute dtype).
     """
-    return _impl("linear_kl", hidden)(hidden, weight, ref_hidden, ref_weight, targets,
-                                      temperature=temperature)
+    hidden, weight = _compute_pair(hidden, weight)
+    ref_hidden, ref_weight = _compute_pair(ref_hidden, ref_weight)
+    if isinstance(ref_hidden, torch.Tensor) and isinstance(hidden, torch.Tensor) \
+            and ref_hidden.is_floating_point() and ref_hidden.dtype != hidden.dtype:
+        ref_hidden, ref_weight = ref_hidden.to(hidden.dtype), ref_weight.to(hidden.dtype)
+    with _no_autocast(hidden):
+        return _impl("linear_kl", hidden)(hidden, weight, ref_hidden, ref_weight, targets,
+                                          temperature=temperature)
 
 
 def gae(rewards, values, mask, *, gamma, lam):

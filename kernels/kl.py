@@ -14,27 +14,30 @@ ref_logp is not differentiable. With g, g_kl the upstream gradients of logp and 
 then divided by temperature for the raw logits hidden @ weight.T.
 
 Implementations (same signature): `linear_kl_ref` (eager, materializes [N, V]; the oracle),
-`linear_kl_triton` (online logsumexp of both sides in one pass over vocabulary tiles, with
-a = sum e^(z-m) (z - zr) so that kl = a/s - lse_p + lse_q; backward recomputes tiles in two
-kernels as in logprob.py), `linear_kl_chunked` (PyTorch over row chunks, the CPU fallback).
+`linear_kl_triton` (forward: online logsumexp of both sides over vocabulary tiles with
+a = sum e^(z-m) (z - zr), so that kl = a/s - lse_p + lse_q, in a split-vocabulary grid merged as
+in logprob.py: a combines like s, kl = sum_k e^(m_k-M) a_k / S - lse_p + lse_q; backward: per
+vocabulary chunk one kernel recomputes the policy (and, if kl gets a gradient, the reference)
+logit tile once and writes dz in the input dtype, then cuBLAS does dW = dz.T @ h and
+dh += dz @ W as in logprob.py), `linear_kl_chunked` (PyTorch over row chunks, the CPU fallback).
 ref_hidden / ref_weight may have a different width d_ref than the policy (e.g. a smaller or
 differently-sized reference model), but must share N and V.
 
 Caution:
-  * The backward recomputes the reference logits whenever kl receives a gradient (two extra
-    GEMMs per gradient kernel); it skips them when only logp is differentiated.
+  * The backward recomputes the reference logits only when kl receives a gradient (one extra
+    N*V*d_ref GEMM); it skips them when only logp is differentiated.
   * kl is a difference of fp32 quantities of the size of the logits: its absolute error is
     ~1e-6 * |z|, so tiny KLs (< 1e-6) are dominated by rounding and may come out slightly < 0.
-  * The Triton backward casts each logit-gradient tile to the input dtype before the gradient
-    GEMMs; accumulation stays fp32 and gradients are returned in the input dtype.
+  * The dlogits are rounded to the input dtype before the gradient GEMMs; accumulation stays
+    fp32, outputs are fp32 and gradients are returned in the input dtype.
   * Same target validation (and device sync) as linear_logprobs.
 """
 import torch
 
-from .logprob import (IGNORE_INDEX, _check_pair, _grads_in, _logits_ref,
-                      _logits_tile, _mma, check_inputs, chunk_log_softmax_,
-                      chunk_logits, chunk_rows_for, require_triton, tile_config,
-                      tl, triton)
+from .logprob import (GROUP_ROWS, IGNORE_INDEX, _check_pair, _grads_in, _logits_ref,
+                      _logits_tile, _round_to, _tile_ids, backward_gemms, check_inputs,
+                      chunk_log_softmax_, chunk_logits, chunk_rows_for, num_splits,
+                      require_triton, tile_config, tl, triton)
 
 
 def _check_kl_inputs(hidden, weight, ref_hidden, ref_weight, targets, temperature):
@@ -76,14 +79,13 @@ def _kl_fwd_kernel(h_ptr,      # [N, D] policy hidden
                    rh_ptr,     # [N, DR] reference hidden
                    rw_ptr,     # [V, DR] reference weight
                    tgt_ptr,    # [N] int64 targets (-100 = ignored)
-                   logp_ptr,   # [N] fp32 out
-                   rlogp_ptr,  # [N] fp32 out
-                   kl_ptr,     # [N] fp32 out
-                   lse_ptr,    # [N] fp32 out, policy lse (saved)
-                   rlse_ptr,   # [N] fp32 out, reference lse (saved)
+                   part_ptr,   # [7, S, N] fp32 out per split: m, s, a, mr, sr, z_t, zr_t
                    N, V, D, DR, stride_h, stride_w, stride_rh, stride_rw, inv_temp,
+                   TILES_PER_SPLIT,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                    PREC: tl.constexpr, UPCAST: tl.constexpr):
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
@@ -95,208 +97,181 @@ def _kl_fwd_kernel(h_ptr,      # [N, D] policy hidden
     sr = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zrt = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    v_lo = split * TILES_PER_SPLIT * BLOCK_V
+    v_hi = tl.minimum(V, v_lo + TILES_PER_SPLIT * BLOCK_V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         cols64 = cols.to(tl.int64)
-        z = _logits_tile(h_ptr, w_ptr, rows64, cols64, row_mask, col_mask, D, stride_h, stride_w,
-                         BLOCK_N, BLOCK_V, BLOCK_K, PREC, UPCAST) * inv_temp
+        hit = cols[None, :] == tgt[:, None]
+        # reference side first: its tile is reduced to (mr, sr, zr_t) plus the z - zr product
+        # below, so only one [BLOCK_N, BLOCK_V] fp32 tile of each side is live at a time
         zr = _logits_tile(rh_ptr, rw_ptr, rows64, cols64, row_mask, col_mask, DR, stride_rh,
                           stride_rw, BLOCK_N, BLOCK_V, BLOCK_K, PREC, UPCAST) * inv_temp
-        z = tl.where(col_mask[None, :], z, -1e30)
         zr = tl.where(col_mask[None, :], zr, -1e30)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
-        # (z - zr) is independent of the running max, so a rescales like s
-        a = alpha * a + tl.sum(tl.where(col_mask[None, :], e * (z - zr), 0.0), axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
         mr_new = tl.maximum(mr, tl.max(zr, axis=1))
         sr = tl.exp(mr - mr_new) * sr + tl.sum(tl.exp(zr - mr_new[:, None]), axis=1)
         mr = mr_new
-        hit = cols[None, :] == tgt[:, None]
-        zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
         zrt += tl.sum(tl.where(hit, zr, 0.0), axis=1)
-    lse = m + tl.log(s)
-    rlse = mr + tl.log(sr)
-    valid = row_mask & (tgt != -100)
-    tl.store(logp_ptr + rows, tl.where(valid, zt - lse, 0.0), mask=row_mask)
-    tl.store(rlogp_ptr + rows, tl.where(valid, zrt - rlse, 0.0), mask=row_mask)
-    tl.store(kl_ptr + rows, tl.where(valid, a / s - lse + rlse, 0.0), mask=row_mask)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(rlse_ptr + rows, rlse, mask=row_mask)
+        z = _logits_tile(h_ptr, w_ptr, rows64, cols64, row_mask, col_mask, D, stride_h, stride_w,
+                         BLOCK_N, BLOCK_V, BLOCK_K, PREC, UPCAST) * inv_temp
+        z = tl.where(col_mask[None, :], z, -1e30)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])
+        # (z - zr) is independent of the running max, so a rescales like s; padded columns
+        # have e = 0 and z - zr = 0
+        a = alpha * a + tl.sum(e * (z - zr), axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+        zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
+    base = part_ptr + split * N + rows
+    stride = n_split * N
+    tl.store(base, m, mask=row_mask)
+    tl.store(base + stride, s, mask=row_mask)
+    tl.store(base + 2 * stride, a, mask=row_mask)
+    tl.store(base + 3 * stride, mr, mask=row_mask)
+    tl.store(base + 4 * stride, sr, mask=row_mask)
+    tl.store(base + 5 * stride, zt, mask=row_mask)
+    tl.store(base + 6 * stride, zrt, mask=row_mask)
 
 
 @triton.jit
-def _kl_dz_tile(h_ptr, w_ptr, rh_ptr, rw_ptr, rows64, cols, row_mask, col_mask, D, DR,
-                stride_h, stride_w, stride_rh, stride_rw, inv_temp, tgt, lse, rlse, kl, g_lp,
-                g_kl, HAS_KL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """dL/dx for one tile of the raw policy logits (already divided by temperature)."""
-    cols64 = cols.to(tl.int64)
-    z = _logits_tile(h_ptr, w_ptr, rows64, cols64, row_mask, col_mask, D, stride_h, stride_w,
-                     BLOCK_N, BLOCK_V, BLOCK_K, PREC, UPCAST) * inv_temp
-    logp = z - lse[:, None]
-    p = tl.where(col_mask[None, :], tl.exp(logp), 0.0)
-    dz = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
-    if HAS_KL:
-        zr = _logits_tile(rh_ptr, rw_ptr, rows64, cols64, row_mask, col_mask, DR, stride_rh,
-                          stride_rw, BLOCK_N, BLOCK_V, BLOCK_K, PREC, UPCAST) * inv_temp
-        diff = tl.where(col_mask[None, :], logp - (zr - rlse[:, None]) - kl[:, None], 0.0)
-        dz += g_kl[:, None] * p * diff
-    return dz * inv_temp
-
-
-@triton.jit
-def _kl_bwd_dh_kernel(h_ptr,     # [N, D]
-                      w_ptr,     # [V, D]
+def _kl_bwd_dz_kernel(h_ptr,     # [N, D]
+                      w_ptr,     # [V, D] (this launch's vocabulary chunk)
                       rh_ptr,    # [N, DR]
-                      rw_ptr,    # [V, DR]
-                      tgt_ptr,   # [N] int64
+                      rw_ptr,    # [V, DR] (same chunk)
+                      tgt_ptr,   # [N] int64, shifted to the chunk
                       lse_ptr,   # [N] fp32
                       rlse_ptr,  # [N] fp32
                       kl_ptr,    # [N] fp32 forward kl
                       glp_ptr,   # [N] fp32 upstream grad of logp (0 on ignored rows)
                       gkl_ptr,   # [N] fp32 upstream grad of kl (0 on ignored rows)
-                      dh_ptr,    # [N, D] fp32 out, zero-initialized; rows owned by this program
-                      N, V, D, DR, stride_h, stride_w, stride_rh, stride_rw, inv_temp,
+                      dz_ptr,    # [N, V] out, input dtype, row stride stride_dz
+                      N, V, D, DR, stride_h, stride_w, stride_rh, stride_rw, stride_dz, inv_temp,
                       HAS_KL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                      BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PREC: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    rb, vt = _tile_ids(N, V, BLOCK_N, BLOCK_V, GROUP)
+    rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
-    rows64 = rows.to(tl.int64)
-    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-100)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    rlse = tl.load(rlse_ptr + rows, mask=row_mask, other=0.0)
-    kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
-    g_lp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
-    g_kl = tl.load(gkl_ptr + rows, mask=row_mask, other=0.0)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        dx = _kl_dz_tile(h_ptr, w_ptr, rh_ptr, rw_ptr, rows64, cols, row_mask, col_mask, D, DR,
-                         stride_h, stride_w, stride_rh, stride_rw, inv_temp, tgt, lse, rlse, kl,
-                         g_lp, g_kl, HAS_KL, BLOCK_N, BLOCK_V, BLOCK_K, PREC, UPCAST)
-        dx = dx.to(w_ptr.dtype.element_ty)
-        cols64 = cols.to(tl.int64)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < D
-            w = tl.load(w_ptr + cols64[:, None] * stride_w + ks[None, :],
-                        mask=col_mask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_V, BLOCK_K]
-            ptrs = dh_ptr + rows64[:, None] * D + ks[None, :]
-            omask = row_mask[:, None] & kmask[None, :]
-            acc = tl.load(ptrs, mask=omask, other=0.0)
-            tl.store(ptrs, _mma(dx, w, acc, PREC, UPCAST), mask=omask)
-
-
-@triton.jit
-def _kl_bwd_dw_kernel(h_ptr,     # [N, D]
-                      w_ptr,     # [V, D]
-                      rh_ptr,    # [N, DR]
-                      rw_ptr,    # [V, DR]
-                      tgt_ptr,   # [N] int64
-                      lse_ptr,   # [N] fp32
-                      rlse_ptr,  # [N] fp32
-                      kl_ptr,    # [N] fp32
-                      glp_ptr,   # [N] fp32
-                      gkl_ptr,   # [N] fp32
-                      dw_ptr,    # [V, D] fp32 out, zero-initialized; columns owned by program
-                      N, V, D, DR, stride_h, stride_w, stride_rh, stride_rw, inv_temp,
-                      HAS_KL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
+    rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    for n0 in range(0, N, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        rows64 = rows.to(tl.int64)
-        tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-100)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g_lp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_KL:
+        zr = _logits_tile(rh_ptr, rw_ptr, rows64, cols64, row_mask, col_mask, DR, stride_rh,
+                          stride_rw, BLOCK_N, BLOCK_V, BLOCK_K, PREC, UPCAST) * inv_temp
         rlse = tl.load(rlse_ptr + rows, mask=row_mask, other=0.0)
         kl = tl.load(kl_ptr + rows, mask=row_mask, other=0.0)
-        g_lp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
+        # c = -log q - kl, so that log p - log q - kl = logp + c
+        c = rlse[:, None] - zr - kl[:, None]
+    z = _logits_tile(h_ptr, w_ptr, rows64, cols64, row_mask, col_mask, D, stride_h, stride_w,
+                     BLOCK_N, BLOCK_V, BLOCK_K, PREC, UPCAST) * inv_temp
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    dz = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
+    if HAS_KL:
         g_kl = tl.load(gkl_ptr + rows, mask=row_mask, other=0.0)
-        dx = _kl_dz_tile(h_ptr, w_ptr, rh_ptr, rw_ptr, rows64, cols, row_mask, col_mask, D, DR,
-                         stride_h, stride_w, stride_rh, stride_rw, inv_temp, tgt, lse, rlse, kl,
-                         g_lp, g_kl, HAS_KL, BLOCK_N, BLOCK_V, BLOCK_K, PREC, UPCAST)
-        dxt = tl.trans(dx.to(h_ptr.dtype.element_ty))                        # [BLOCK_V, BLOCK_N]
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < D
-            h = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :],
-                        mask=row_mask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-            ptrs = dw_ptr + cols64[:, None] * D + ks[None, :]
-            omask = col_mask[:, None] & kmask[None, :]
-            acc = tl.load(ptrs, mask=omask, other=0.0)
-            tl.store(ptrs, _mma(dxt, h, acc, PREC, UPCAST), mask=omask)
+        dz += g_kl[:, None] * p * (logp + c)
+    dz = _round_to(dz * inv_temp, dz_ptr.dtype.element_ty, UPCAST)
+    tl.store(dz_ptr + rows64[:, None] * stride_dz + cols[None, :], dz,
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
 # ----------------------------------------------------------------------------- Triton launcher
+# Tile tables keyed like logprob.FWD_CONFIGS; the forward holds two fp32 logit tiles.
+KL_FWD_CONFIGS = {
+    ("16", "small"): (64, 128, 64, 4, 3),
+    ("16", "large"): (128, 128, 64, 8, 3),
+    ("32", "small"): (32, 64, 32, 4, 2),
+    ("32", "large"): (64, 64, 32, 4, 2),
+}
+KL_BWD_CONFIGS = dict(KL_FWD_CONFIGS)
+
+
+def _combine_kl(part):
+    """Merge per-split partials [7, S, N] into (lse, rlse, kl, z_t, zr_t) [N]."""
+    m, s, a, mr, sr, zt, zrt = part.unbind(0)
+    mx, mrx = m.amax(0), mr.amax(0)
+    wgt = torch.exp(m - mx)
+    tot = (wgt * s).sum(0)
+    lse = mx + torch.log(tot)
+    rlse = mrx + torch.log((torch.exp(mr - mrx) * sr).sum(0))
+    kl = (wgt * a).sum(0) / tot - lse + rlse
+    return lse, rlse, kl, zt.sum(0), zrt.sum(0)
+
 
 class _LinearKLTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, temperature):
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, targets, temperature, opts):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         ref_hidden, ref_weight = ref_hidden.contiguous(), ref_weight.contiguous()
         n, d = hidden.shape
         v, dr = weight.shape[0], ref_hidden.shape[1]
-        bn, bv, bk, warps, prec, upcast = tile_config(hidden.dtype)
-        out = torch.empty(5, n, device=hidden.device, dtype=torch.float32)
-        logp, rlogp, kl, lse, rlse = out.unbind(0)
+        bn, bv, bk, warps, stages, prec, upcast = tile_config(hidden.dtype, n, KL_FWD_CONFIGS)
+        n_split, per = num_splits(n, v, bn, bv, hidden.device, opts.get("splits"))
+        part = torch.empty(7, n_split, n, device=hidden.device, dtype=torch.float32)
         if n > 0:
-            _kl_fwd_kernel[(triton.cdiv(n, bn),)](
-                hidden, weight, ref_hidden, ref_weight, targets, logp, rlogp, kl, lse, rlse,
+            _kl_fwd_kernel[(triton.cdiv(n, bn), n_split)](
+                hidden, weight, ref_hidden, ref_weight, targets, part,
                 n, v, d, dr, hidden.stride(0), weight.stride(0), ref_hidden.stride(0),
-                ref_weight.stride(0), 1.0 / temperature,
+                ref_weight.stride(0), 1.0 / temperature, per,
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PREC=prec, UPCAST=upcast,
-                num_warps=warps)
+                num_warps=warps, num_stages=stages)
+        lse, rlse, kl, zt, zrt = _combine_kl(part)
+        valid = targets != IGNORE_INDEX
+        logp = torch.where(valid, zt - lse, 0.0)
+        rlogp = torch.where(valid, zrt - rlse, 0.0)
+        kl = torch.where(valid, kl, 0.0)
         ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, targets, lse, rlse, kl)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.opts = temperature, opts
         ctx.set_materialize_grads(False)
-        outs = logp.clone(), rlogp.clone(), kl.clone()  # own storage, not views of `out`
-        ctx.mark_non_differentiable(outs[1])
-        return outs
+        ctx.mark_non_differentiable(rlogp)
+        return logp, rlogp, kl
 
     @staticmethod
     def backward(ctx, g_logp, g_rlogp, g_kl):
         hidden, weight, ref_hidden, ref_weight, targets, lse, rlse, kl = ctx.saved_tensors
         n, d = hidden.shape
-        v, dr = weight.shape[0], ref_hidden.shape[1]
+        dr = ref_hidden.shape[1]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if n == 0 or (g_logp is None and g_kl is None) or not (need_h or need_w):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         valid = targets != IGNORE_INDEX
         g_lp = _grads_in(g_logp, lse, valid)
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
         has_kl = g_kl is not None
         g_k = _grads_in(g_kl, lse, valid) if has_kl else g_lp
-        bn, bv, bk, warps, prec, upcast = tile_config(hidden.dtype)
-        args = (hidden, weight, ref_hidden, ref_weight, targets, lse, rlse, kl, g_lp, g_k)
-        sizes = (n, v, d, dr, hidden.stride(0), weight.stride(0), ref_hidden.stride(0),
-                 ref_weight.stride(0), 1.0 / ctx.temperature)
-        kw = dict(HAS_KL=has_kl, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PREC=prec, UPCAST=upcast,
-                  num_warps=warps)
-        dh = dw = None
-        if need_h:
-            dh = torch.zeros(n, d, device=hidden.device, dtype=torch.float32)
-            _kl_bwd_dh_kernel[(triton.cdiv(n, bn),)](*args, dh, *sizes, **kw)
-            dh = dh.to(hidden.dtype)
-        if need_w:
-            dw = torch.zeros(v, d, device=hidden.device, dtype=torch.float32)
-            _kl_bwd_dw_kernel[(triton.cdiv(v, bv),)](*args, dw, *sizes, **kw)
-            dw = dw.to(weight.dtype)
-        return dh, dw, None, None, None, None
+        bn, bv, bk, warps, stages, prec, upcast = tile_config(hidden.dtype, n, KL_BWD_CONFIGS)
+        inv_temp = 1.0 / ctx.temperature
+
+        def launch_dz(dz, c0, c1):
+            grid = (triton.cdiv(n, bn) * triton.cdiv(c1 - c0, bv),)
+            _kl_bwd_dz_kernel[grid](
+                hidden, weight[c0:], ref_hidden, ref_weight[c0:], targets - c0, lse, rlse, kl,
+                g_lp, g_k, dz, n, c1 - c0, d, dr, hidden.stride(0), weight.stride(0),
+                ref_hidden.stride(0), ref_weight.stride(0), dz.stride(0), inv_temp,
+                HAS_KL=has_kl, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP=GROUP_ROWS, PREC=prec,
+                UPCAST=upcast, num_warps=warps, num_stages=stages)
+
+        dh, dw = backward_gemms(launch_dz, hidden, weight, need_h, need_w,
+                                ctx.opts.get("chunk_cols"))
+        return dh, dw, None, None, None, None, None
 
 
-def linear_kl_triton(hidden, weight, ref_hidden, ref_weight, targets, *, temperature=1.0):
-    """Triton version of `linear_kl_ref` (same contract), never materializing [N, V]."""
+def linear_kl_triton(hidden, weight, ref_hidden, ref_weight, targets, *, temperature=1.0,
+                     splits=None, chunk_cols=None):
+    """Triton version of `linear_kl_ref` (same contract), never materializing [N, V].
+    `splits` / `chunk_cols` as in `linear_logprobs_triton` (tests force them)."""
     targets = _check_kl_inputs(hidden, weight, ref_hidden, ref_weight, targets, temperature)
     require_triton(hidden)
     return _LinearKLTriton.apply(hidden, weight, ref_hidden.detach(), ref_weight.detach(),
-                                 targets.contiguous(), float(temperature))
+                                 targets.contiguous(), float(temperature),
+                                 {"splits": splits, "chunk_cols": chunk_cols})
 
 
 # ----------------------------------------------------------------------------- chunked PyTorch

@@ -15,29 +15,42 @@ d hidden = dx @ weight, d weight = dx.T @ hidden.
 
 Three implementations with one signature:
   linear_logprobs_ref      eager PyTorch, materializes [N, V]: the test oracle.
-  linear_logprobs_triton   Triton. Forward: one program per row block walks the vocabulary in tiles
-                           with an online logsumexp (running max m, s = sum e^(z-m),
-                           u = sum e^(z-m) (z-m); H = log s - u/s). Backward: two kernels that
-                           recompute logit tiles; one owns a row block of d hidden, the other a
-                           vocabulary tile of d weight, so every output element has exactly one
-                           writer (no atomics, bit-identical reruns).
+  linear_logprobs_triton   Triton forward + Triton/cuBLAS backward:
+      forward   one program per (row block, vocabulary split) walks its vocabulary tiles with an
+                online logsumexp (running max m, s = sum e^(z-m), u = sum e^(z-m) (z-m), z_t);
+                the S splits are merged on the host side in fp32:
+                    M = max_k m_k,  lse = M + log sum_k e^(m_k-M) s_k,
+                    H = log S - sum_k e^(m_k-M) (u_k + (m_k-M) s_k) / S,  S = sum_k e^(m_k-M) s_k.
+                S > 1 only when N / BLOCK_N row blocks cannot fill the SMs (PPO-sized N).
+      backward  the vocabulary is cut into chunks of Vc columns (dlogits chunk [N, Vc] of about
+                DZ_BYTES in the input dtype); per chunk one Triton kernel recomputes each logit
+                tile once and writes dz = dL/d(h @ W.T) (input dtype: bf16 under autocast),
+                then cuBLAS does dW[chunk] = dz.T @ h (each dW row written once, no
+                accumulation) and dh += dz @ W[chunk] (fp32 accumulator of N x d). Work: one
+                N*V*d GEMM to recompute the logits plus the two gradient GEMMs eager also runs;
+                no atomics, so reruns are bit-identical.
   linear_logprobs_chunked  PyTorch autograd.Function over row chunks (the CPU fallback); keeps only
                            lse and H per row between forward and backward.
-Extra memory of the fused paths: O(N) saved stats + one tile/chunk of logits + fp32 gradient
-accumulators of the size of hidden and weight.
+Extra memory of the fused paths: O(N) saved stats + one chunk of logits / dlogits (O(chunk x V)),
+never [N, V]; the Triton backward also holds dh in fp32 (N x d) while chunks accumulate.
+
+Tiles: FWD_CONFIGS / BWD_CONFIGS map (dtype kind, N bucket) to (BLOCK_N, BLOCK_V, BLOCK_K,
+num_warps, num_stages); `python -m bench aot` compiles each entry for sm_90 and checks shared
+memory and register spills. The CPU interpreter uses one large tile instead.
 
 Caution:
   * Accumulation is fp32. fp32 inputs use exact fp32 products in tl.dot (input_precision="ieee",
-    not TF32), so the Triton path matches the fp64 oracle to ~1e-6. bf16/fp16 products are
-    accumulated in fp32 by both fused paths (the chunked path upcasts a copy of weight); the
-    reference, like eager training, rounds the logits to the input dtype before the fp32
-    softmax, so the fused paths are the more accurate ones.
-  * In the Triton backward the logit gradient tile is cast to the input dtype before the gradient
-    GEMMs (as eager bf16 training does); gradients are returned in the input dtype.
+    not TF32), so the Triton path matches the fp64 oracle to ~1e-6. bf16/fp16 inputs use 16-bit
+    tensor-core tiles with fp32 accumulation; the reference, like eager training, rounds the
+    logits to the input dtype before the fp32 softmax, so the fused paths are the more accurate.
+    Logprobs, entropy and the saved statistics are always fp32.
+  * In the backward the dlogits are rounded to the input dtype before the gradient GEMMs (as
+    eager bf16 training does); gradients are returned in the input dtype. When the vocabulary
+    takes several chunks and this torch has no fp32-output bf16 GEMM (`out_dtype`), each chunk's
+    contribution to dh is rounded to the input dtype once before the fp32 sum.
   * Targets outside [0, V) other than -100 raise ValueError; this check syncs the device once.
-  * The Triton backward recomputes the logits twice (once per gradient kernel): 4 GEMMs of
-    N*V*d instead of the eager 3, the price of determinism without atomics.
   * The entropy term of the backward is skipped when no gradient reaches the entropy output.
+  * Interpreter mode (TRITON_INTERPRET=1) is read once, when this module is imported.
 """
 import os
 
@@ -57,6 +70,9 @@ except ImportError:  # Triton has no wheels for macOS/Windows; the PyTorch paths
     HAS_TRITON = False
 else:
     HAS_TRITON = True
+
+# Decided once, at import (as Triton itself does when it decorates the kernels below).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 16 << 20  # one fp32 [rows, V] buffer of the chunked path (2 for logprob, 3 for KL)
@@ -141,6 +157,17 @@ def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 -> dtype with round-to-nearest-even. The interpreter truncates fp32 -> bf16, so under
+    UPCAST the bits are rounded by hand first (the GPU cast already rounds)."""
+    if UPCAST:
+        b = x.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_h, stride_w,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                  PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -158,27 +185,29 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_h, stri
 
 
 @triton.jit
-def _dz_tile(z, cols, col_mask, tgt, lse, g_lp, g_ent, ent, HAS_ENT: tl.constexpr):
-    """dL/dz for one [BLOCK_N, BLOCK_V] tile (see the module docstring); 0 on padded columns."""
-    logp = z - lse[:, None]
-    p = tl.where(col_mask[None, :], tl.exp(logp), 0.0)
-    dz = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
-    if HAS_ENT:
-        # where() before the product: padded columns have logp = -inf and p = 0 -> 0 * inf = nan
-        dz -= g_ent[:, None] * p * tl.where(col_mask[None, :], logp + ent[:, None], 0.0)
-    return dz
+def _tile_ids(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr):
+    """(row block, vocab tile) of this program: GROUP row blocks walk the vocabulary together,
+    so each weight tile is read from HBM once per group and from L2 otherwise."""
+    pid = tl.program_id(0)
+    n_rb = tl.cdiv(N, BLOCK_N)
+    n_vt = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP * n_vt
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(n_rb - first, GROUP)
+    return first + (pid % per_group) % size, (pid % per_group) // size
 
 
 @triton.jit
 def _fwd_kernel(h_ptr,      # [N, D] hidden, input dtype
                 w_ptr,      # [V, D] weight, input dtype
                 tgt_ptr,    # [N] int64 targets (-100 = ignored)
-                logp_ptr,   # [N] fp32 out
-                lse_ptr,    # [N] fp32 out, saved for backward
-                ent_ptr,    # [N] fp32 out (written only if WITH_ENT)
-                N, V, D, stride_h, stride_w, inv_temp,
+                part_ptr,   # [4, S, N] fp32 out: per-split m, s, u, z_target (see _combine)
+                N, V, D, stride_h, stride_w, inv_temp, TILES_PER_SPLIT,
                 WITH_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Online logsumexp of one row block over the vocabulary tiles of split program_id(1)."""
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)  # V*D or N*D can pass 2^31 at real sizes
@@ -188,7 +217,9 @@ def _fwd_kernel(h_ptr,      # [N, D] hidden, input dtype
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     u = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    v_lo = split * TILES_PER_SPLIT * BLOCK_V
+    v_hi = tl.minimum(V, v_lo + TILES_PER_SPLIT * BLOCK_V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         z = _logits_tile(h_ptr, w_ptr, rows64, cols.to(tl.int64), row_mask, col_mask, D,
@@ -197,126 +228,122 @@ def _fwd_kernel(h_ptr,      # [N, D] hidden, input dtype
         z = tl.where(col_mask[None, :], z, -1e30)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
+        e = tl.exp(z - m_new[:, None])   # exactly 0 on padded columns (z = -1e30)
         if WITH_ENT:
             # u tracks sum e^(z-m) (z-m) rather than sum e^(z-m) z: no cancellation when |z| >> H
-            u = alpha * (u + (m - m_new) * s) + \
-                tl.sum(tl.where(col_mask[None, :], e * (z - m_new[:, None]), 0.0), axis=1)
+            u = alpha * (u + (m - m_new) * s) + tl.sum(e * (z - m_new[:, None]), axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         m = m_new
-    lse = m + tl.log(s)
-    valid = row_mask & (tgt != -100)
-    tl.store(logp_ptr + rows, tl.where(valid, zt - lse, 0.0), mask=row_mask)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    if WITH_ENT:
-        tl.store(ent_ptr + rows, tl.where(valid, tl.log(s) - u / s, 0.0), mask=row_mask)
+    base = part_ptr + split * N + rows
+    stride = n_split * N
+    tl.store(base, m, mask=row_mask)
+    tl.store(base + stride, s, mask=row_mask)
+    tl.store(base + 2 * stride, u, mask=row_mask)
+    tl.store(base + 3 * stride, zt, mask=row_mask)
 
 
 @triton.jit
-def _bwd_dh_kernel(h_ptr,     # [N, D] hidden
-                   w_ptr,     # [V, D] weight
-                   tgt_ptr,   # [N] int64
+def _bwd_dz_kernel(h_ptr,     # [N, D] hidden
+                   w_ptr,     # [V, D] weight (this launch's vocabulary chunk)
+                   tgt_ptr,   # [N] int64 targets, already shifted to the chunk (may be < 0)
                    lse_ptr,   # [N] fp32 from forward
                    ent_ptr,   # [N] fp32 from forward (read if HAS_ENT)
                    glp_ptr,   # [N] fp32 upstream grad of logp (0 on ignored rows)
                    gent_ptr,  # [N] fp32 upstream grad of entropy (0 on ignored rows; if HAS_ENT)
-                   dh_ptr,    # [N, D] fp32 out, zero-initialized; this program owns its rows
-                   N, V, D, stride_h, stride_w, inv_temp,
+                   dz_ptr,    # [N, V] out, input dtype, row stride stride_dz: dL/d(h @ w.T)
+                   N, V, D, stride_h, stride_w, stride_dz, inv_temp,
                    HAS_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                   BLOCK_K: tl.constexpr, GROUP: tl.constexpr, PREC: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """One [BLOCK_N, BLOCK_V] tile of the raw-logit gradient, the logits recomputed once."""
+    rb, vt = _tile_ids(N, V, BLOCK_N, BLOCK_V, GROUP)
+    rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = vt * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
+    col_mask = cols < V
     rows64 = rows.to(tl.int64)
-    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-100)
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     g_lp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
-    g_ent = g_lp
-    ent = g_lp
+    z = _logits_tile(h_ptr, w_ptr, rows64, cols.to(tl.int64), row_mask, col_mask, D,
+                     stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_K, PREC, UPCAST) * inv_temp
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    dz = tl.where(cols[None, :] == tgt[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
     if HAS_ENT:
         g_ent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
         ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        cols64 = cols.to(tl.int64)
-        z = _logits_tile(h_ptr, w_ptr, rows64, cols64, row_mask, col_mask, D,
-                         stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_K, PREC,
-                         UPCAST) * inv_temp
-        dx = _dz_tile(z, cols, col_mask, tgt, lse, g_lp, g_ent, ent, HAS_ENT) * inv_temp
-        dx = dx.to(w_ptr.dtype.element_ty)
-        # d hidden[rows, k-chunk] += dx @ w[cols, k-chunk]; read-modify-write of rows this
-        # program alone owns (no atomics -> deterministic), resident in L2 across tiles
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < D
-            w = tl.load(w_ptr + cols64[:, None] * stride_w + ks[None, :],
-                        mask=col_mask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_V, BLOCK_K]
-            ptrs = dh_ptr + rows64[:, None] * D + ks[None, :]
-            omask = row_mask[:, None] & kmask[None, :]
-            acc = tl.load(ptrs, mask=omask, other=0.0)
-            acc = _mma(dx, w, acc, PREC, UPCAST)
-            tl.store(ptrs, acc, mask=omask)
+        dz -= g_ent[:, None] * p * (logp + ent[:, None])
+    dz = _round_to(dz * inv_temp, dz_ptr.dtype.element_ty, UPCAST)
+    tl.store(dz_ptr + rows64[:, None] * stride_dz + cols[None, :], dz,
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.jit
-def _bwd_dw_kernel(h_ptr,     # [N, D] hidden
-                   w_ptr,     # [V, D] weight
-                   tgt_ptr,   # [N] int64
-                   lse_ptr,   # [N] fp32
-                   ent_ptr,   # [N] fp32 (if HAS_ENT)
-                   glp_ptr,   # [N] fp32
-                   gent_ptr,  # [N] fp32 (if HAS_ENT)
-                   dw_ptr,    # [V, D] fp32 out, zero-initialized; this program owns its columns
-                   N, V, D, stride_h, stride_w, inv_temp,
-                   HAS_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    cols64 = cols.to(tl.int64)
-    for n0 in range(0, N, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        rows64 = rows.to(tl.int64)
-        tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-100)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        g_lp = tl.load(glp_ptr + rows, mask=row_mask, other=0.0)
-        g_ent = g_lp
-        ent = g_lp
-        if HAS_ENT:
-            g_ent = tl.load(gent_ptr + rows, mask=row_mask, other=0.0)
-            ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
-        z = _logits_tile(h_ptr, w_ptr, rows64, cols64, row_mask, col_mask, D,
-                         stride_h, stride_w, BLOCK_N, BLOCK_V, BLOCK_K, PREC,
-                         UPCAST) * inv_temp
-        dx = _dz_tile(z, cols, col_mask, tgt, lse, g_lp, g_ent, ent, HAS_ENT) * inv_temp
-        dxt = tl.trans(dx.to(h_ptr.dtype.element_ty))                        # [BLOCK_V, BLOCK_N]
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < D
-            h = tl.load(h_ptr + rows64[:, None] * stride_h + ks[None, :],
-                        mask=row_mask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-            ptrs = dw_ptr + cols64[:, None] * D + ks[None, :]
-            omask = col_mask[:, None] & kmask[None, :]
-            acc = tl.load(ptrs, mask=omask, other=0.0)
-            acc = _mma(dxt, h, acc, PREC, UPCAST)
-            tl.store(ptrs, acc, mask=omask)
+# ----------------------------------------------------------------------------- tile configs
+# (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages) keyed by (kind, N bucket): kind "16" is
+# bf16/fp16 (wgmma tiles on Hopper), "32" is fp32 (IEEE products, no tensor cores). Every entry
+# is compiled for sm_90 by `python -m bench aot`, which checks shared memory and spills.
+FWD_CONFIGS = {
+    ("16", "small"): (64, 128, 64, 4, 4),     # N <= 512: short row blocks, the split-V grid fills SMs
+    ("16", "large"): (128, 128, 64, 8, 3),
+    ("32", "small"): (32, 64, 32, 4, 2),
+    ("32", "large"): (64, 64, 32, 4, 2),
+}
+BWD_CONFIGS = {                              # the dlogits kernel: a plain GEMM tile + epilogue
+    ("16", "small"): (64, 128, 64, 4, 4),
+    ("16", "large"): (128, 128, 64, 8, 3),
+    ("32", "small"): (32, 64, 32, 4, 2),
+    ("32", "large"): (64, 64, 32, 4, 2),
+}
+GROUP_ROWS = 8
+DZ_BYTES = 128 << 20    # one chunk of the dlogits buffer [N, Vc] in the input dtype
 
-
-# ----------------------------------------------------------------------------- launchers
 
 def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return INTERPRET
 
 
-def tile_config(dtype):
-    """(BLOCK_N, BLOCK_V, BLOCK_K, num_warps, input_precision, upcast) for the Triton kernels."""
+def config_key(n, dtype):
+    return ("32" if dtype == torch.float32 else "16", "small" if n <= 512 else "large")
+
+
+def tile_config(dtype, n=1 << 20, table=None):
+    """(BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages, input_precision, upcast)."""
     prec = "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
     if _interpreting():
         # the CPU interpreter pays per op, not per element: few, large tiles run fastest
         upcast = dtype == torch.bfloat16
-        return 16, 256, 128, 4, "ieee" if upcast else prec, upcast
-    return (64, 128, 64, 8 if dtype == torch.float32 else 4, prec, False)
+        return 16, 256, 128, 4, 1, "ieee" if upcast else prec, upcast
+    cfg = (table or FWD_CONFIGS)[config_key(n, dtype)]
+    return (*cfg, prec, False)
+
+
+def num_splits(n, v, bn, bv, device, splits=None):
+    """Vocabulary splits of the forward grid: enough programs to fill the SMs about twice."""
+    tiles = triton.cdiv(v, bv)
+    if splits is None:
+        if device.type != "cuda":
+            return 1, tiles
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        blocks = triton.cdiv(n, bn)
+        splits = 1 if blocks >= sms else triton.cdiv(2 * sms, blocks)
+    per = triton.cdiv(tiles, max(1, min(int(splits), tiles)))
+    return triton.cdiv(tiles, per), per
+
+
+def _combine(part, with_ent):
+    """Merge per-split (m, s, u, z_t) [S, N] into (lse, z_t, entropy-or-None) [N].
+    With one split this is exact (weights e^0 = 1)."""
+    m, s, u, zt = part.unbind(0)
+    mx = m.amax(0)
+    wgt = torch.exp(m - mx)
+    tot = (wgt * s).sum(0)
+    lse = mx + torch.log(tot)
+    ent = None
+    if with_ent:
+        ent = torch.log(tot) - (wgt * (u + (m - mx) * s)).sum(0) / tot
+    return lse, zt.sum(0), ent
 
 
 def require_triton(t):
@@ -334,24 +361,69 @@ def _grads_in(g, like, valid):
     return torch.where(valid, g.float(), 0.0).contiguous()
 
 
+def chunk_cols_for(n, v, elt, chunk_cols=None, align=256):
+    """Vocabulary columns per backward chunk so that the [N, Vc] dlogits buffer is ~DZ_BYTES."""
+    if chunk_cols is None:
+        chunk_cols = DZ_BYTES // max(1, n * elt)
+    return min(v, max(align, (int(chunk_cols) // align) * align)) if v > align else v
+
+
+def _mm_acc(acc, a, b, first):
+    """acc (fp32) (+)= a @ b with fp32 accumulation (no intermediate rounding where possible)."""
+    if acc.dtype == a.dtype:
+        return torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
+    if a.is_cuda:
+        try:
+            return (torch.mm(a, b, out_dtype=torch.float32, out=acc) if first
+                    else torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc))
+        except (TypeError, RuntimeError):
+            pass
+    r = torch.mm(a, b)                       # fallback: one rounding to the input dtype per chunk
+    return acc.copy_(r) if first else acc.add_(r)
+
+
+def backward_gemms(launch_dz, hidden, weight, need_h, need_w, chunk_cols=None):
+    """dh = dz @ W and dW = dz.T @ h with dz [N, V] produced chunk by chunk over the vocabulary
+    by `launch_dz(dz_buffer_view, c0, c1)`: each dW row block is written once (one GEMM over all
+    N rows), dh accumulates over chunks in fp32 (N x d, small next to V x d)."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    cc = chunk_cols_for(n, v, hidden.element_size(), chunk_cols)
+    pad = triton.cdiv(cc, 64) * 64           # 128-byte aligned rows for cuBLAS
+    buf = torch.empty(n, pad, device=hidden.device, dtype=hidden.dtype)
+    dh = torch.empty(n, d, device=hidden.device, dtype=torch.float32) if need_h else None
+    dw = torch.empty(v, d, device=hidden.device, dtype=hidden.dtype) if need_w else None
+    for c0 in range(0, v, cc):
+        c1 = min(v, c0 + cc)
+        dz = buf[:, : c1 - c0]
+        launch_dz(dz, c0, c1)
+        if need_h:
+            _mm_acc(dh, dz, weight[c0:c1], c0 == 0)
+        if need_w:
+            torch.mm(dz.T, hidden, out=dw[c0:c1])
+    return (dh.to(hidden.dtype) if need_h else None), dw
+
+
 class _LinearLogprobsTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_ent):
+    def forward(ctx, hidden, weight, targets, temperature, with_ent, opts):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         n, d = hidden.shape
         v = weight.shape[0]
-        bn, bv, bk, warps, prec, upcast = tile_config(hidden.dtype)
-        logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
-        lse = torch.empty_like(logp)
-        ent = torch.zeros_like(logp) if with_ent else torch.empty(0, device=hidden.device)
+        bn, bv, bk, warps, stages, prec, upcast = tile_config(hidden.dtype, n)
+        n_split, per = num_splits(n, v, bn, bv, hidden.device, opts.get("splits"))
+        part = torch.empty(4, n_split, n, device=hidden.device, dtype=torch.float32)
         if n > 0:
-            _fwd_kernel[(triton.cdiv(n, bn),)](
-                hidden, weight, targets, logp, lse, ent if with_ent else logp,
-                n, v, d, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-                WITH_ENT=with_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PREC=prec,
-                UPCAST=upcast, num_warps=warps)
+            _fwd_kernel[(triton.cdiv(n, bn), n_split)](
+                hidden, weight, targets, part, n, v, d, hidden.stride(0), weight.stride(0),
+                1.0 / temperature, per, WITH_ENT=with_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
+                PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages)
+        lse, zt, ent = _combine(part, with_ent)
+        valid = targets != IGNORE_INDEX
+        logp = torch.where(valid, zt - lse, 0.0)
+        ent = torch.where(valid, ent, 0.0) if with_ent else torch.empty(0, device=hidden.device)
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
-        ctx.temperature, ctx.with_ent = temperature, with_ent
+        ctx.temperature, ctx.with_ent, ctx.opts = temperature, with_ent, opts
         ctx.set_materialize_grads(False)
         if not with_ent:
             ctx.mark_non_differentiable(ent)
@@ -361,41 +433,44 @@ class _LinearLogprobsTriton(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
         n, d = hidden.shape
-        v = weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if n == 0 or (g_logp is None and g_ent is None) or not (need_h or need_w):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         valid = targets != IGNORE_INDEX
         g_lp = _grads_in(g_logp, lse, valid)
         if g_lp is None:
             g_lp = torch.zeros_like(lse)
         has_ent = ctx.with_ent and g_ent is not None
         g_en = _grads_in(g_ent, lse, valid) if has_ent else g_lp
-        bn, bv, bk, warps, prec, upcast = tile_config(hidden.dtype)
-        args = (n, v, d, hidden.stride(0), weight.stride(0), 1.0 / ctx.temperature)
-        kw = dict(HAS_ENT=has_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, PREC=prec, UPCAST=upcast,
-                  num_warps=warps)
         ent_arg = ent if has_ent else lse
-        dh = dw = None
-        if need_h:
-            dh = torch.zeros(n, d, device=hidden.device, dtype=torch.float32)
-            _bwd_dh_kernel[(triton.cdiv(n, bn),)](hidden, weight, targets, lse, ent_arg, g_lp,
-                                                  g_en, dh, *args, **kw)
-            dh = dh.to(hidden.dtype)
-        if need_w:
-            dw = torch.zeros(v, d, device=hidden.device, dtype=torch.float32)
-            _bwd_dw_kernel[(triton.cdiv(v, bv),)](hidden, weight, targets, lse, ent_arg, g_lp,
-                                                  g_en, dw, *args, **kw)
-            dw = dw.to(weight.dtype)
-        return dh, dw, None, None, None
+        bn, bv, bk, warps, stages, prec, upcast = tile_config(hidden.dtype, n, BWD_CONFIGS)
+        inv_temp = 1.0 / ctx.temperature
+
+        def launch_dz(dz, c0, c1):
+            grid = (triton.cdiv(n, bn) * triton.cdiv(c1 - c0, bv),)
+            _bwd_dz_kernel[grid](hidden, weight[c0:], targets - c0, lse, ent_arg, g_lp, g_en, dz,
+                                 n, c1 - c0, d, hidden.stride(0), weight.stride(0), dz.stride(0),
+                                 inv_temp, HAS_ENT=has_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
+                                 GROUP=GROUP_ROWS, PREC=prec, UPCAST=upcast, num_warps=warps,
+                                 num_stages=stages)
+
+        dh, dw = backward_gemms(launch_dz, hidden, weight, need_h, need_w,
+                                ctx.opts.get("chunk_cols"))
+        return dh, dw, None, None, None, None
 
 
-def linear_logprobs_triton(hidden, weight, targets, *, temperature=1.0, return_entropy=False):
-    """Triton version of `linear_logprobs_ref` (same contract), never materializing [N, V]."""
+def linear_logprobs_triton(hidden, weight, targets, *, temperature=1.0, return_entropy=False,
+                           splits=None, chunk_cols=None):
+    """Triton version of `linear_logprobs_ref` (same contract), never materializing [N, V].
+
+    `splits` forces the number of vocabulary splits of the forward grid and `chunk_cols` the
+    vocabulary chunk of the backward (tests use both; the defaults size them to the GPU).
+    """
     targets = check_inputs(hidden, weight, targets, temperature)
     require_triton(hidden)
+    opts = {"splits": splits, "chunk_cols": chunk_cols}
     logp, ent = _LinearLogprobsTriton.apply(hidden, weight, targets.contiguous(),
-                                            float(temperature), bool(return_entropy))
+                                            float(temperature), bool(return_entropy), opts)
     return (logp, ent) if return_entropy else logp
 
 

@@ -1,15 +1,17 @@
 import os
-import shutil
 
 # Two cores: one thread per test process keeps timings stable and avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Without a GPU, Triton kernels run in its interpreter; it is chosen when kernels are defined,
-# so this must be set before anything imports triton.
-if not os.path.exists("/dev/nvidia0") and shutil.which("nvidia-smi") is None:
+
+import torch  # noqa: E402  (importing torch does not import triton)
+
+# Interpreter mode is decided here, once, before anything imports triton: without CUDA the
+# Triton kernels run in its CPU interpreter (they read TRITON_INTERPRET when they are defined);
+# with CUDA they compile and run with their real tile configs.
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 torch.set_num_threads(1)
 

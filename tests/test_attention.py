@@ -1,24 +1,14 @@
 """Tests for kernels/attention.py: the reference against an independent per-row loop, the Triton
 kernels (CPU interpreter here, compiled on CUDA) and the SDPA path against the fp32/fp64 oracle."""
-import os
+import importlib
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # triton reads this when a kernel is decorated, i.e. when kernels/attention.py is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import kernels
 
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-import kernels  # noqa: E402
-
+# tests/conftest.py turns on TRITON_INTERPRET=1 (before triton is imported) only without CUDA
 A = importlib.import_module("kernels.attention")  # the module; `kernels.attention` is the function
-
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1" and not A._interpreted():
-    # another test module imported the kernels before the variable was set: decorate them again
-    A = importlib.reload(A)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 torch.set_num_threads(1)

@@ -1,8 +1,4 @@
 """GAE: gae_torch and gae_triton (interpreted on CPU) against the fp64 reference loop."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (via kernels)
-
 import pytest
 import torch
 

@@ -1,8 +1,4 @@
 """kernels.linear_logprobs: Triton (interpreted on CPU) and chunked paths vs an fp64 oracle."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton / kernels are imported
-
 import pytest
 import torch
 
@@ -26,6 +22,8 @@ needs_triton = pytest.mark.skipif(not logprob.HAS_TRITON, reason="triton not ins
 
 IMPLS = {
     "triton": linear_logprobs_triton,
+    # 3 vocabulary splits of the forward grid + combine, 256-column backward chunks (V = 1271)
+    "triton_split": lambda *a, **k: linear_logprobs_triton(*a, splits=3, chunk_cols=256, **k),
     # chunk of 7 rows: N = 17 / 97 run 3 / 14 chunks, including a ragged last one
     "chunked": lambda *a, **k: linear_logprobs_chunked(*a, chunk_rows=7, **k),
 }
@@ -69,7 +67,7 @@ def assert_close_scaled(got, want, tol, what):
 
 @pytest.fixture(params=list(IMPLS))
 def impl(request):
-    if request.param == "triton":
+    if request.param.startswith("triton"):
         if not logprob.HAS_TRITON:
             pytest.skip("triton not installed")
         assert _triton_usable(), "kernels/ was imported before TRITON_INTERPRET=1 was set"

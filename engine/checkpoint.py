@@ -3,7 +3,8 @@
 Model folders (`model.save(dir)` / `GPT.load(dir)`): config.json + model.safetensors.
 
 Training checkpoints: `<run>/ckpt/step_XXXXXXXX/` holding model.safetensors (+ extra models),
-state.pt (optimizers + trainer state + RNG states) and meta.json -- or, for FSDP-sharded
+state.pt (optimizers + trainer state + RNG states, tensors and plain containers only: it
+is read with torch.load(weights_only=True), so a checkpoint folder cannot run code) and meta.json -- or, for FSDP-sharded
 models, dcp/ (torch.distributed.checkpoint shards of models and optimizers, loadable at any
 world size) + state.pt + meta.json; `<run>/ckpt/latest`
 names the newest complete one. Every file is written to a temporary name, fsynced and renamed,
@@ -145,10 +146,15 @@ def latest_step_dir(ckpt_dir: str) -> str | None:
 
 
 def rng_state() -> dict:
+    """RNG states as tensors, ints, strings and tuples only, so that state.pt loads with
+    torch.load(weights_only=True) (no pickled objects, no code run on resume)."""
     import random
 
     import numpy as np
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                    "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -160,7 +166,8 @@ def set_rng_state(st: dict) -> None:
     import numpy as np
     torch.set_rng_state(st["torch"])
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    n = st["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
@@ -263,9 +270,12 @@ def load_training(ckpt_dir: str, models: dict, map_location="cpu",
     if sorted(models) != meta["models"]:
         raise CheckpointError(f"{d}: holds models {meta['models']}, this run has {sorted(models)}")
     try:
-        state = torch.load(os.path.join(d, "state.pt"), map_location=map_location, weights_only=False)
+        # weights_only: tensors and plain containers only; a crafted state.pt cannot run code
+        state = torch.load(os.path.join(d, "state.pt"), map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{d}/state.pt: cannot load ({type(e).__name__}: {e})") from None
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{d}/state.pt: cannot load safely ({type(e).__name__}: {why[:300]}); "
+                              f"only tensors and plain containers are accepted") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{d}/state.pt: not a training state (got {type(state).__name__})")
     optimizers = optimizers or {}

@@ -129,7 +129,7 @@ class TrainConfig:
     eval_batches: int = 4
     log_every: int = 1
     device: str = ""                 # "": cuda if available else cpu
-    dtype: str = "auto"              # auto: bf16 autocast on cuda, fp32 on cpu
+    dtype: str = "auto"              # auto: bf16 on cuda, fp32 on cpu; bf16 | fp32 (engine/precision.py)
     max_bad_steps: int = 5           # consecutive non-finite steps before giving up
     progress: bool = True
     threads: int = 0                 # CPU threads per process; 0 = cores // local processes
@@ -139,6 +139,10 @@ class TrainConfig:
 class DistSection:
     strategy: str = "ddp"            # ddp | fsdp
     activation_checkpointing: bool = False
+
+
+class ConfigError(ValueError):
+    """A setting (or a combination of settings) that cannot run; the message says what to change."""
 
 
 # ----------------------------------------------------------------------------- loading / overrides

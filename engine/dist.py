@@ -122,14 +122,17 @@ def checkpoint_activations(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def wrap(model: torch.nn.Module, strategy: str = "ddp", device=None, *,
-         activation_checkpointing: bool = False):
+         activation_checkpointing: bool = False, compute_dtype: torch.dtype | None = None):
     """DDP or FSDP2 (fully_shard per transformer block, then the root) around `model`.
 
-    fsdp on CUDA keeps bf16 parameters for compute and reduces gradients in fp32
-    (MixedPrecisionPolicy); on CPU mixed precision is off. The fp32 sharded parameters are the
-    optimizer's master weights. In a single process the model is returned as is (plus
-    activation checkpointing when asked). Under fsdp the returned object is `model` itself
-    (fully_shard changes it in place), so `model(...)` already runs the sharded forward.
+    fsdp follows the precision policy (engine/precision.py): parameters are all-gathered in
+    `compute_dtype` (default: bf16 on CUDA, fp32 on CPU; pass the run's
+    precision.compute_dtype(train.dtype, device)) and gradients reduced in fp32; the fp32
+    sharded parameters are the optimizer's master weights. A scalar `head` (RewardModel) is
+    sharded on its own with fp32 parameters, so scores are computed in fp32. In a single
+    process the model is returned as is (plus activation checkpointing when asked). Under fsdp
+    the returned object is `model` itself (fully_shard changes it in place), so `model(...)`
+    already runs the sharded forward.
     """
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"dist.strategy={strategy!r}: expected ddp or fsdp")
@@ -143,13 +146,18 @@ def wrap(model: torch.nn.Module, strategy: str = "ddp", device=None, *,
         return DDP(model, device_ids=ids)
     import warnings
 
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
+
+    from .precision import compute_dtype as _policy_dtype
+    from .precision import fsdp_policy
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # outputs are not modified in place
     dev_type = device.type if device is not None else next(model.parameters()).device.type
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if dev_type == "cuda" else MixedPrecisionPolicy())
+    mp = fsdp_policy(compute_dtype or _policy_dtype("auto", dev_type))
     for block in _blocks(model):
         fully_shard(block, mp_policy=mp)
+    head = getattr(model, "head", None)
+    if isinstance(head, torch.nn.Linear):
+        fully_shard(head, mp_policy=fsdp_policy(torch.float32))
     fully_shard(model, mp_policy=mp)
     return model
 

@@ -221,11 +221,16 @@ def value_loss(values, old_values, returns, mask, clip=0.2):
     All inputs [B,T]; old_values (rollout values) and returns are constants (detached).
     """
     _check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
-    old = old_values.detach()
-    ret = returns.detach()
-    v_clip = old + torch.clamp(values - old, -clip, clip)
-    err = torch.maximum((values - ret).square(), (v_clip - ret).square())
-    return 0.5 * masked_mean(err, mask)
+    m = mask.bool()
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    # Padding is zeroed before any arithmetic: garbage there (inf, NaN) must not reach the
+    # loss or, through 0 * inf in the backward, the gradient.
+    v = torch.where(m, values, zero)
+    old = torch.where(m, old_values.detach(), zero)
+    ret = torch.where(m, returns.detach(), zero)
+    v_clip = old + torch.clamp(v - old, -clip, clip)
+    err = torch.maximum((v - ret).square(), (v_clip - ret).square())
+    return 0.5 * masked_mean(err, m)
 
 
 def ppo_ptx_objective(policy_loss, ptx_nll, gamma_ptx):

@@ -183,7 +183,9 @@ class GPT(SaveLoad, nn.Module):
             generator = torch.Generator(device=idx.device).manual_seed(seed)
         B, T = idx.shape
         w = self.wte.weight
-        cache = KVCache(self.cfg, B, T + max_new_tokens, w.device, w.dtype)
+        # the cache holds k, v in the compute dtype (bf16 under autocast: half the memory)
+        cdt = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+        cache = KVCache(self.cfg, B, T + max_new_tokens, w.device, cdt)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out, lps = [idx], []
         h = self.hidden_states(idx, kv_start=kv_start, cache=cache)[:, -1]
@@ -254,7 +256,12 @@ class RewardModel(SaveLoad, nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, idx, *, kv_start=None):
-        return self.head(self.trunk.hidden_states(idx, kv_start=kv_start)).squeeze(-1)
+        h = self.trunk.hidden_states(idx, kv_start=kv_start)
+        # The scalar head runs in fp32 whatever the trunk's compute dtype (precision policy):
+        # scores feed the ranking loss, rewards and value targets, where bf16's 8 bits of
+        # mantissa would round away the differences between completions.
+        with torch.autocast(h.device.type, enabled=False):
+            return self.head(h.float()).squeeze(-1)
 
     def score_at(self, idx, last_idx, *, kv_start=None):
         """Score of each row at position last_idx [B] -> [B]."""

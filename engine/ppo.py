@@ -12,7 +12,7 @@ import torch
 from .losses import _check_ndim, _check_same_shape, masked_whiten
 
 __all__ = ["PPOConfig", "kl_estimate", "shaped_rewards", "RunningMoments", "compute_advantages",
-           "AdaptiveKLController", "FixedKLController", "ema_update", "minibatch_indices"]
+           "AdaptiveKLController", "FixedKLController", "ema_decay_at", "ema_update", "minibatch_indices"]
 
 
 @dataclass
@@ -35,6 +35,8 @@ class PPOConfig:
     ptx_coef: float = 27.8            # gamma of eq. 2 (App. C.4)
     ptx_ratio: int = 8                # pretraining examples per RL episode (App. C.4, E.11)
     ema_decay: float = 0.992          # policy weight EMA (App. C.4)
+    ema_bias_correction: bool = True  # weight the SFT init out of the EMA (see ema_decay_at): with
+                                      # 0.992 a 10-iteration run would otherwise export 92% SFT
     temperature: float = 1.0          # rollout sampling temperature (App. C.4)
     # policy lr is train.lr of the recipe: the paper's final value is not printed (swept
     # 2.55e-6..2.55e-5; > 8.05e-6 diverged without ptx); recipes default to 5e-6
@@ -43,7 +45,10 @@ class PPOConfig:
     warmup_from: float = 0.1          # warmup start factor (App. C.4)
     whiten_advantages: bool = True    # standard PPO practice (N implementation details; TRL, OpenRLHF)
     normalize_reward: bool = False    # paper instead bias-normalises the RM once before RL (Sec. 3.5.2)
-    no_eos_penalty: float = 0.0       # "EOS trick" (Huang et al. 2024); 0 = off, not in the paper
+    no_eos_penalty: float = 1.0       # subtracted from the RM score of a response cut at max_new_tokens:
+                                      # the RM is trained on complete responses only (ending in EOS), so
+                                      # its score at a truncated one's last token is out of distribution
+                                      # (the "EOS trick", Huang et al. 2024; not in the paper; 0 = off)
     max_new_tokens: int = 256         # rollout length budget for small runs; paper caps responses at ~1k (?)
     total_episodes: int = 256_000     # App. C.4 (more did not help, E.11)
 
@@ -161,10 +166,15 @@ class RunningMoments:
         self.m2 += b_m2 + delta * delta * self.count * n / tot
         self.count = tot
 
-    def normalize(self, x, shift_mean=True, eps=1e-8):
-        """(x - mean) / (std + eps); with shift_mean=False only x / (std + eps)."""
+    def normalize(self, x, shift_mean=True, eps=1e-8, min_std=1e-6):
+        """(x - mean) / (std + eps); with shift_mean=False only x / (std + eps).
+
+        While the scores seen so far have no spread (std < min_std, e.g. a first batch of equal
+        scores) there is no scale to measure, so x is only shifted, never multiplied by 1/eps.
+        """
         y = x - self.mean if shift_mean else x
-        return y / (self.std + eps)
+        std = self.std
+        return y if std < min_std else y / (std + eps)
 
     def state_dict(self):
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
@@ -242,6 +252,22 @@ class AdaptiveKLController:
 
 
 # ----------------------------------------------------------------------------- EMA and minibatches
+
+def ema_decay_at(step: int, decay: float, bias_correction: bool = True) -> float:
+    """The decay to use for EMA update number `step` (1-based).
+
+    With bias correction the EMA after t updates is the normalised weighted average
+        ema_t = sum_{i=1..t} decay^(t-i) theta_i / sum_{i=1..t} decay^(t-i)
+    of the weights after each update (the initial weights get no weight), which the recursion
+    ema_t = d_t ema_{t-1} + (1 - d_t) theta_t gives with d_t = decay (1 - decay^(t-1)) / (1 - decay^t)
+    (d_1 = 0). For t >> 1 / (1 - decay), d_t -> decay. Without it: d_t = decay.
+    """
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    if not bias_correction or decay <= 0.0:
+        return decay
+    return decay * (1.0 - decay ** (step - 1)) / (1.0 - decay ** step)
+
 
 @torch.no_grad()
 def ema_update(ema_params, params, decay):

@@ -3,10 +3,14 @@
 A stage plugs in two functions:
     batch_fn(step, micro) -> batch       deterministic in (step, micro): the data position of a
                                          run is just its step, so resuming needs no data cursor
-    loss_fn(model, batch) -> (loss, info) info: floats to log; "tokens" feeds tokens/s
+    loss_fn(model, batch) -> (loss, info) info: floats or 0-d tensors to log; "tokens" feeds
+                                         tokens/s
+    count_fn(batch) -> int (optional)    the number of loss terms (e.g. trained tokens) of a
+                                         micro batch whose loss is a mean over them
 
-`Trainer.fit()` then runs: warmup + cosine LR, gradient accumulation, clipping, bf16 autocast on
-CUDA, non-finite step skipping, eval every N steps, metrics.jsonl, a progress line, atomic
+`Trainer.fit()` then runs: warmup + cosine LR, gradient accumulation, clipping, the precision
+policy of engine/precision.py (bf16 autocast on CUDA, or on CPU with train.dtype=bf16),
+non-finite step skipping, eval every N steps, metrics.jsonl, a progress line, atomic
 checkpoints every N steps and on SIGTERM/SIGINT, and resume from the latest checkpoint when the
 same command is run again. Stages with their own loop (PPO) call `update()` / `save()` directly.
 """
@@ -21,8 +25,8 @@ import time
 import torch
 
 from . import checkpoint as ckpt
-from . import dist
-from .config import TrainConfig
+from . import dist, precision
+from .config import ConfigError, TrainConfig
 from .metrics import MetricsWriter, Progress
 
 
@@ -59,6 +63,31 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def split_batch(cfg: TrainConfig, world: int, desc: str = "train") -> tuple[int, int]:
+    """(micro_batch_size, accumulation steps) so that micro x accum x world == batch_size exactly.
+
+    A batch that does not split is refused: rounding it would silently change the number of
+    examples per step, and with it the epochs a fixed max_steps trains.
+    """
+    bs, micro = cfg.batch_size, cfg.micro_batch_size
+    if bs <= 0 or micro < 0:
+        raise ConfigError(f"[{desc}] train.batch_size={bs} must be > 0 and train.micro_batch_size={micro} >= 0")
+    if micro == 0:
+        if bs % world:
+            raise ConfigError(f"[{desc}] train.batch_size={bs} is not divisible by {world} ranks; set "
+                              f"train.batch_size to a multiple of {world} or train.micro_batch_size to a "
+                              f"divisor of {bs // world or 1} that fits")
+        return bs // world, 1
+    if bs % (micro * world):
+        fits = [m for m in range(1, bs // world + 1) if bs % (m * world) == 0] if bs >= world else []
+        hint = (f"train.micro_batch_size to one of {fits}" if fits else
+                f"train.batch_size to a multiple of {world}")
+        raise ConfigError(f"[{desc}] train.batch_size={bs} is not a multiple of train.micro_batch_size="
+                          f"{micro} x {world} ranks = {micro * world}; set {hint}, or train.batch_size to "
+                          f"a multiple of {micro * world}")
+    return micro, bs // (micro * world)
+
+
 def _nan_steps() -> set:
     """Test hook: steps (1-based, as logged) whose loss ENGINE_INJECT_NAN_STEP turns into NaN."""
     raw = os.environ.get("ENGINE_INJECT_NAN_STEP", "")
@@ -68,10 +97,11 @@ def _nan_steps() -> set:
 class Trainer:
     def __init__(self, model, cfg: TrainConfig, out_dir: str, *, loss_fn=None, batch_fn=None,
                  eval_fn=None, models: dict | None = None, optimizers: dict | None = None,
-                 state_fn=None, load_state_fn=None, device=None, desc: str = "train"):
+                 state_fn=None, load_state_fn=None, device=None, desc: str = "train",
+                 count_fn=None):
         self.cfg, self.out_dir, self.desc = cfg, out_dir, desc
         self.model = model
-        self.loss_fn, self.batch_fn, self.eval_fn = loss_fn, batch_fn, eval_fn
+        self.loss_fn, self.batch_fn, self.eval_fn, self.count_fn = loss_fn, batch_fn, eval_fn, count_fn
         self.models = models or {"model": dist.unwrap(model)}
         self.optimizers = optimizers or {"model": make_optimizer(dist.unwrap(model), cfg)}
         self.state_fn, self.load_state_fn = state_fn, load_state_fn
@@ -80,8 +110,8 @@ class Trainer:
         self.stop_requested = False
         self._calls = (-1, 0)
         self.ckpt_dir = os.path.join(out_dir, "ckpt")
-        self.micro_batch_size = cfg.micro_batch_size or cfg.batch_size // dist.world_size()
-        self.accum = max(1, cfg.batch_size // (self.micro_batch_size * dist.world_size()))
+        self.micro_batch_size, self.accum = split_batch(cfg, dist.world_size(), desc) \
+            if batch_fn is not None else (cfg.micro_batch_size or cfg.batch_size, 1)
         self.metrics = None
 
     # ------------------------------------------------------------------ resume / save
@@ -110,16 +140,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
     def autocast(self):
-        use_bf16 = self.cfg.dtype == "bf16" or (self.cfg.dtype == "auto" and self.device.type == "cuda")
-        if use_bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The compute context of the precision policy (engine/precision.py)."""
+        return precision.autocast(self.cfg.dtype, self.device)
 
-    def update(self, micro_batches, loss_fn, *, model=None, optimizer=None, lr=None, clip=None):
-        """Forward/backward over micro batches (grads averaged), clip, step. Returns info dict.
+    def _weights(self, micro_batches, count_fn) -> list[float]:
+        """Backward weight of each micro batch's loss. With count_fn: n_i x world / N, N = the
+        loss terms of the whole global batch (all micro batches of all ranks), so the gradient is
+        the mean over every term of the step however the batch is split into micro batches and
+        ranks (DDP/FSDP then average over ranks). Without: 1 / micro batches."""
+        n = len(micro_batches)
+        if count_fn is None:
+            return [1.0 / n] * n
+        counts = [float(count_fn(b)) for b in micro_batches]
+        total = sum(dist.reduce_floats([sum(counts)], "sum")) if dist.is_dist() else sum(counts)
+        world = dist.world_size()
+        return [c * world / total if total > 0 else 1.0 / n for c in counts]
 
-        Logged values are means over micro batches and ranks ("tokens" is summed), so the
-        metrics of N ranks equal those of one process running the same micro batches.
+    def update(self, micro_batches, loss_fn, *, model=None, optimizer=None, lr=None, clip=None,
+               count_fn=None):
+        """Forward/backward over micro batches, clip, step. Returns info dict.
+
+        Gradients are the mean over micro batches, or, with count_fn (default: the Trainer's),
+        the mean over the loss terms of the global batch (see `_weights`). Logged values are
+        weighted the same way over micro batches and ranks ("tokens" is summed), so the metrics
+        of N ranks equal those of one process running the same global batch. Logged values stay
+        on the device until one transfer per step.
         A non-finite loss or gradient norm skips the step on every rank (grads dropped,
         counted in `skipped` / `bad_steps`); more than cfg.max_bad_steps in a row raise
         NonFiniteError. Test hook: ENGINE_INJECT_NAN_STEP=5 (or "5,6") makes the loss of
@@ -131,6 +176,7 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = lr
         n = len(micro_batches)
+        weights = self._weights(micro_batches, self.count_fn if count_fn is None else count_fn)
         sums: dict = {}
         loss_total = 0.0
         inject = self.step + 1 in _nan_steps()
@@ -146,12 +192,18 @@ class Trainer:
                 loss, info = loss_fn(model, batch)
             if inject:
                 loss = loss * float("nan")
-            (loss / n).backward()
-            loss_total += float(loss.detach()) / n
+            w = weights[i]
+            (loss * w).backward()
+            loss_total = loss_total + loss.detach().float() * w
             for k, v in info.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                v = v.detach().float() if isinstance(v, torch.Tensor) else v
+                sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v * w)
         keys = sorted(sums)
-        red = dist.reduce_floats([loss_total] + [sums[k] for k in keys])
+        # one device -> host transfer for everything logged this step
+        vals = [loss_total] + [sums[k] for k in keys]
+        local = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device).reshape(())
+                             for x in vals]).tolist()
+        red = dist.reduce_floats(local)
         loss_total = red[0]
         sums = {k: v * dist.world_size() if k == "tokens" else v for k, v in zip(keys, red[1:])}
         params = [p for g in opt.param_groups for p in g["params"]]
@@ -174,7 +226,7 @@ class Trainer:
                     f"{self.cfg.max_bad_steps}; stopping. Lower train.lr or check the data; the last "
                     f"good checkpoint is in {self.ckpt_dir}")
         opt.zero_grad(set_to_none=True)
-        info = {k: v / n if k != "tokens" else v for k, v in sums.items()}
+        info = dict(sums)
         info.update(loss=loss_total, grad_norm=gnorm, skipped=int(not finite),
                     bad_steps=self.bad_total)
         return info

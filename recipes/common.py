@@ -52,6 +52,24 @@ def parse(cfg_cls, argv: list[str] | None, stage: str):
     return cfg, out or os.path.join("runs", stage)
 
 
+def cli(main, argv=None) -> None:
+    """Run a recipe's main() as a command: bad data, config and checkpoints end in one line on
+    stderr (`error: file.jsonl:3: ranking: ...`) and exit status 2, without a traceback;
+    ENGINE_DEBUG=1 shows the traceback instead."""
+    from engine.config import ConfigError
+    from engine.data import DataError
+    from engine.trainer import NonFiniteError
+    try:
+        main(argv)
+    except (DataError, ConfigError, CheckpointError, NonFiniteError) as e:
+        if os.environ.get("ENGINE_DEBUG", "0") not in ("", "0"):
+            raise
+        msg = str(e.args[0]) if e.args else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        dist.cleanup()
+        raise SystemExit(2) from None
+
+
 def setup(cfg, out_dir: str) -> torch.device:
     """Init (torchrun-aware), seed, thread count; write the resolved config into out_dir."""
     device = dist.init(cfg.train.device)
@@ -64,18 +82,28 @@ def setup(cfg, out_dir: str) -> torch.device:
     return device
 
 
-def tokenizer(cfg, out_dir: str, train_texts=None):
-    """The run's tokenizer: data.tokenizer, else the init model's, else this run's (resume),
-    else one trained here on `train_texts()` (sentencepiece BPE, data.vocab_size)."""
+def find_tokenizer(path: str):
+    """The tokenizer stored in a run / model folder (or a .model file), or None."""
     from engine.hf import HFTokenizer, has_hf_tokenizer
     from engine.tokenizer import Tokenizer
 
+    if not path:
+        return None
+    if has_hf_tokenizer(path) and not (Path(path) / "tokenizer.model").exists():
+        return HFTokenizer.load(path)  # GPT-2 byte-level BPE: vocab.json + merges.txt
+    if (Path(path) / "tokenizer.model").exists() or path.endswith(".model"):
+        return Tokenizer.load(path)
+    return None
+
+
+def tokenizer(cfg, out_dir: str, train_texts=None):
+    """The run's tokenizer: data.tokenizer, else the init model's, else this run's (resume),
+    else one trained here on `train_texts()` (sentencepiece BPE, data.vocab_size)."""
+    from engine.tokenizer import Tokenizer
+
     for cand in (cfg.data.tokenizer, cfg.model.init, out_dir):
-        if cand and has_hf_tokenizer(cand) and not (Path(cand) / "tokenizer.model").exists():
-            tok = HFTokenizer.load(cand)  # GPT-2 byte-level BPE: vocab.json + merges.txt
-            break
-        if cand and (Path(cand) / "tokenizer.model").exists() or (cand and cand.endswith(".model")):
-            tok = Tokenizer.load(cand)
+        tok = find_tokenizer(cand)
+        if tok is not None:
             break
     else:
         if train_texts is None:
@@ -88,6 +116,32 @@ def tokenizer(cfg, out_dir: str, train_texts=None):
     if dist.is_main() and not (Path(out_dir) / "tokenizer.model").exists():
         tok.save(out_dir)
     return tok
+
+
+def check_same_tokenizer(tok, model, path: str, what: str) -> None:
+    """Refuse a model (e.g. a reward model) whose tokenizer is not `tok`: the same vocabulary
+    size with other ids would give garbage scores without any error.
+
+    Looks for the tokenizer in `path` and its parent (run folder / run/model); the ids must map
+    to the same pieces. A folder without a tokenizer is checked by vocabulary size only.
+    """
+    import hashlib
+    vocab = model.cfg.vocab_size
+    if vocab < tok.vocab_size:
+        raise SystemExit(f"error: {what} {path}: vocabulary of {vocab} ids < the tokenizer's "
+                         f"{tok.vocab_size}; it was trained with another tokenizer")
+    p = Path(path)
+    other = find_tokenizer(str(p)) or (find_tokenizer(str(p.parent)) if p.name == "model" else None)
+    if other is None:
+        dist.print0(f"[warning] {what} {path}: no tokenizer stored beside it; only the vocabulary "
+                    f"size ({vocab}) could be checked")
+        return
+    digest = lambda t: hashlib.sha256(t.model_proto).hexdigest()  # noqa: E731
+    if digest(other) != digest(tok):
+        same = "same" if other.vocab_size == tok.vocab_size else "different"
+        raise SystemExit(f"error: {what} {path}: its tokenizer differs from this run's ({same} vocabulary "
+                         f"size {other.vocab_size} vs {tok.vocab_size}, other ids); train it from the "
+                         f"same tokenizer (e.g. --data.tokenizer=<policy run>)")
 
 
 def build_model(cfg, tok, device, cls=None):
@@ -139,6 +193,14 @@ def build_model(cfg, tok, device, cls=None):
     return model
 
 
+def wrap(cfg, model, device, *, trained: bool = True):
+    """dist.wrap with the run's strategy, precision policy and (for trained models) activation
+    checkpointing."""
+    from engine import precision
+    return dist.wrap(model, cfg.dist.strategy, device, compute_dtype=precision.compute_dtype(cfg.train.dtype, device),
+                     activation_checkpointing=trained and cfg.dist.activation_checkpointing)
+
+
 def export(model, tok, out_dir: str) -> None:
     """Final weights into out_dir/model (GPT.load format) beside out_dir/tokenizer.model.
     Every rank calls it (FSDP-sharded weights are gathered first)."""
@@ -169,13 +231,22 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def _positions(cfg, n: int, start: int, count: int) -> torch.Tensor:
+    idx = []
+    for k in range(start, start + count):
+        epoch, pos = divmod(k, n)
+        idx.append(int(epoch_order(n, cfg.train.seed, epoch)[pos]))
+    return torch.tensor(idx, dtype=torch.long)
+
+
 def rows_for(cfg, n: int, step: int, micro: int, micro_bs: int, accum: int) -> torch.Tensor:
     """Indices into an n-row dataset for this rank's micro batch of `step`: epochs are seeded
     permutations; a step takes the next batch_size rows, split into micro batches across ranks."""
     gb = micro_bs * accum * dist.world_size()
-    start = step * gb + (dist.rank() * accum + micro) * micro_bs
-    idx = []
-    for k in range(start, start + micro_bs):
-        epoch, pos = divmod(k, n)
-        idx.append(int(epoch_order(n, cfg.train.seed, epoch)[pos]))
-    return torch.tensor(idx, dtype=torch.long)
+    return _positions(cfg, n, step * gb + (dist.rank() * accum + micro) * micro_bs, micro_bs)
+
+
+def step_rows(cfg, n: int, step: int, micro_bs: int, accum: int) -> torch.Tensor:
+    """All rows of `step` over every micro batch of every rank (the global batch)."""
+    gb = micro_bs * accum * dist.world_size()
+    return _positions(cfg, n, step * gb, gb)

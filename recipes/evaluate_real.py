@@ -200,4 +200,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from recipes import common
+    common.cli(main)

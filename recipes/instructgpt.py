@@ -286,4 +286,4 @@ def plot_run_curves(out):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -10,6 +10,11 @@ cache; score them with the RM; per-token reward -beta * KL(pi || pi_SFT) plus th
 last token; GAE with gamma 1; advantages whitened over all ranks; then ppo.ppo_epochs passes of
 minibatches, each one optimizer step of  policy_loss + ptx_coef * ptx_nll  (ptx_ratio
 pretraining sequences per episode) and one value-model step; then the policy EMA is updated.
+
+Precision (engine/precision.py): sampling, the experience pass and the updates all run under the
+same compute context (bf16 autocast on CUDA, or with train.dtype=bf16), and the frozen reference
+model and RM are wrapped like the policy (FSDP2 with the same mixed precision), so the first
+ratio is exactly 1 and the reference KL compares like with like.
 """
 from __future__ import annotations
 
@@ -21,12 +26,12 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from engine import dist
+from engine import dist, precision
 from engine.config import DataSection, DistSection, ModelSection, TrainConfig, section
 from engine.data import TokenStream, load_prompts, load_text
 from engine.losses import ppo_policy_loss, ptx_loss, value_loss
 from engine.ppo import (AdaptiveKLController, FixedKLController, PPOConfig, RunningMoments,
-                        compute_advantages, ema_update, shaped_rewards)
+                        compute_advantages, ema_decay_at, ema_update, shaped_rewards)
 from engine.rollout import Rollout, generate_responses, policy_logprobs, score_responses, values
 from engine.trainer import Trainer, make_optimizer
 from recipes import common
@@ -41,7 +46,8 @@ class RLSection:
     ptx_per_minibatch: int = 0    # 0: ppo.ptx_ratio x minibatch_size (paper: 8x episodes)
     ptx_seq_len: int = 0          # 0: data.seq_len
     exact_kl: bool = False        # penalise the exact per-token KL (kernels.linear_kl), not k1/k2/k3
-    ema: bool = True              # export the EMA of the policy weights (paper: decay 0.992)
+    ema: bool = True              # export the EMA of the policy weights (paper: decay 0.992), bias-
+                                  # corrected (ppo.ema_bias_correction) so short runs export trained weights
     gen_group: int = 0            # episodes per sampling call, each call seeded by (seed, iteration,
                                   # global group index); 0 = all of a rank's episodes. With a fixed
                                   # gen_group that divides batch_size / ranks, rollouts, minibatches
@@ -66,25 +72,37 @@ def lr_factor(it: int, p: PPOConfig) -> float:
 
 
 def global_whiten(x, mask):
-    """Whiten x over the masked entries of all ranks (mean 0, unbiased var 1)."""
-    s = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    """Whiten x over the masked entries of all ranks (mean 0, unbiased var 1), in two passes
+    (mean, then squared deviations from it) in float64: the one-pass E[x^2] - E[x]^2 cancels
+    catastrophically when |mean| >> std and can go negative (NaN advantages)."""
+    m = mask.bool()
+    xd = torch.where(m, x.double(), torch.zeros((), dtype=torch.float64, device=x.device))
+    s = torch.stack([xd.sum(), m.sum().double()])
     if dist.is_dist():
         torch.distributed.all_reduce(s)
-    mean = s[0] / s[2].clamp_min(1)
-    var = (s[1] / s[2].clamp_min(1) - mean ** 2) * s[2] / (s[2] - 1).clamp_min(1)
-    return ((x - mean.float()) * torch.rsqrt(var.float() + 1e-8)) * mask
+    n = s[1].clamp_min(1)
+    mean = s[0] / n
+    sq = torch.where(m, (xd - mean).square(), torch.zeros_like(xd)).sum()
+    if dist.is_dist():
+        torch.distributed.all_reduce(sq)
+    var = (sq / (s[1] - 1).clamp_min(1)).clamp_min(0)
+    y = ((xd - mean) * torch.rsqrt(var + 1e-8)).to(x.dtype)
+    return torch.where(m, y, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 @torch.no_grad()
-def exact_kl(policy, ref, roll: Rollout) -> torch.Tensor:
-    """Exact per-token KL(pi || pi_ref) over the vocabulary, [B, R], via kernels.linear_kl."""
+def exact_kl(policy, ref, roll: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """Exact per-token KL(pi_T || pi_ref,T) over the vocabulary, [B, R], via kernels.linear_kl,
+    between the temperature-scaled distributions that were sampled (ppo.temperature), as the
+    sampled-token estimators k1/k2/k3 see them. Collective under FSDP (gathers both models)."""
     P = roll.prompt_len
     x, y = roll.seq[:, :-1], roll.seq[:, 1:]
-    h = policy.hidden_states(x, kv_start=roll.kv_start)[:, P - 1:]
-    hr = ref.hidden_states(x, kv_start=roll.kv_start)[:, P - 1:]
-    B, R, d = h.shape
-    _, _, kl = kernels.linear_kl(h.reshape(-1, d), policy.lm_head_weight, hr.reshape(-1, d),
-                                 ref.lm_head_weight, y[:, P - 1:].reshape(-1))
+    with dist.gathered(policy), dist.gathered(ref):  # hidden_states() bypasses an FSDP root's forward
+        h = policy.hidden_states(x, kv_start=roll.kv_start)[:, P - 1:]
+        hr = ref.hidden_states(x, kv_start=roll.kv_start)[:, P - 1:]
+        B, R, d = h.shape
+        _, _, kl = kernels.linear_kl(h.reshape(-1, d), policy.lm_head_weight, hr.reshape(-1, d),
+                                     ref.lm_head_weight, y[:, P - 1:].reshape(-1), temperature=temperature)
     return kl.view(B, R) * roll.mask
 
 
@@ -114,7 +132,9 @@ def sample_episodes(policy, tok, prompts, cfg, it: int, B: int, G: int) -> Rollo
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + it)
     chosen = torch.randint(0, len(prompts), (B * dist.world_size(),), generator=g)[r0:r0 + B].tolist()
     rolls = []
-    with dist.gathered(policy):  # generate() bypasses an FSDP root's forward
+    device = next(policy.parameters()).device
+    # generate() bypasses an FSDP root's forward; sampling runs in the policy's compute dtype
+    with dist.gathered(policy), precision.autocast(cfg.train.dtype, device):
         for k in range(0, B, G):
             seed = (cfg.train.seed * 1_000_003 + it) * 7919 + (r0 + k) // G
             rolls.append(generate_responses(policy, tok, [prompts[i] for i in chosen[k:k + G]],
@@ -141,7 +161,8 @@ def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatche
     """Everything PPO needs from a rollout, without gradients. old logprobs and values are
     computed per minibatch exactly as the update will compute them, so the first ratio is 1."""
     p = cfg.ppo
-    with torch.no_grad():
+    device = roll.seq.device
+    with torch.no_grad(), precision.autocast(cfg.train.dtype, device):  # as Trainer.update
         old_logp = torch.zeros_like(roll.mask)
         old_values = torch.zeros_like(roll.mask)
         for idx in minibatches:
@@ -153,8 +174,7 @@ def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatche
         if p.normalize_reward:
             moments.update(dist.all_gather_cat(scores))  # same statistics on every rank
             scores = moments.normalize(scores)
-        with dist.gathered(policy):  # hidden_states() bypasses an FSDP root's forward
-            kl = exact_kl(policy, ref, roll) if cfg.rl.exact_kl else None
+        kl = exact_kl(policy, ref, roll, p.temperature) if cfg.rl.exact_kl else None
         rewards, kl_sum = shaped_rewards(scores, old_logp, ref_logp, roll.mask, beta=kl_coef,
                                          kind=p.kl_estimator, kl=kl, no_eos=roll.no_eos,
                                          no_eos_penalty=p.no_eos_penalty)
@@ -182,8 +202,8 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
     policy = common.build_model(cfg, tok, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.rl.ema else None
-    rm = load_reward_model(cfg.rl.rm, device).eval().requires_grad_(False)
-    value_model = load_reward_model(cfg.rl.value_init or cfg.rl.rm, device)
+    rm = load_reward_model(cfg.rl.rm, device, tok=tok).eval().requires_grad_(False)
+    value_model = load_reward_model(cfg.rl.value_init or cfg.rl.rm, device, tok=tok)
     ptx = None
     if cfg.rl.ptx_path and p.ptx_coef > 0:
         ptx = TokenStream.from_text(load_text(cfg.rl.ptx_path), tok)
@@ -197,10 +217,16 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
     if B % G:
         raise SystemExit(f"rl.gen_group={G} must divide the {B} episodes per rank")
 
-    pw = dist.wrap(policy, cfg.dist.strategy, device)
-    vw = dist.wrap(value_model, cfg.dist.strategy, device)
-    if ema is not None and cfg.dist.strategy == "fsdp":
-        ema = dist.wrap(ema, "fsdp", device)  # sharded like the policy, so ema_update is local
+    cdt = precision.compute_dtype(cfg.train.dtype, device)
+    pw = common.wrap(cfg, policy, device)
+    vw = common.wrap(cfg, value_model, device)
+    if cfg.dist.strategy == "fsdp":
+        # frozen models sharded and cast like the policy: the KL reference and the RM compute in
+        # the policy's precision, and only their shards stay resident
+        ref = dist.wrap(ref, "fsdp", device, compute_dtype=cdt)
+        rm = dist.wrap(rm, "fsdp", device, compute_dtype=cdt)
+        if ema is not None:
+            ema = dist.wrap(ema, "fsdp", device, compute_dtype=cdt)  # sharded like the policy: ema_update is local
     opt_v_cfg = copy.copy(cfg.train)
     opt_v_cfg.lr = p.value_lr
     kl_ctl = (AdaptiveKLController(p.beta, p.kl_target, p.kl_horizon) if p.adaptive_kl
@@ -225,12 +251,12 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
         logp = policy_logprobs(m, roll, temperature=p.temperature)
         loss, st = ppo_policy_loss(logp, exp["old_logp"], exp["adv"], roll.mask, clip=p.clip)
         loss = loss * token_share(roll.mask)
-        info = {"policy_loss": float(loss.detach()), **{k: float(v) for k, v in st.items()}}
+        info = {"policy_loss": loss.detach(), **st}
         if ptx_batch is not None:  # same backward, same gradient buffer as the PPO loss
             x, y = ptx_batch
             nll = ptx_loss(m(x, targets=y), torch.ones_like(y, dtype=torch.float32))
             loss = loss + p.ptx_coef * nll
-            info["ptx_loss"] = float(nll.detach())
+            info["ptx_loss"] = nll.detach()
         return loss, info
 
     def value_step(m, mb):
@@ -238,7 +264,7 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
         v = values(m, roll)
         loss = value_loss(v, exp["old_values"], exp["returns"], roll.mask, clip=p.value_clip)
         loss = loss * token_share(roll.mask)
-        return p.vf_coef * loss, {"value_loss": float(loss.detach())}
+        return p.vf_coef * loss, {"value_loss": loss.detach()}
 
     info = {}
     with trainer.signals():
@@ -267,7 +293,7 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
                     for k, v in {**s1, **{f"value_{k}": v for k, v in s2.items()}}.items():
                         stats.setdefault(k, []).append(v)
             if ema is not None:
-                ema_update(ema, policy, p.ema_decay)
+                ema_update(ema, policy, ema_decay_at(it + 1, p.ema_decay, p.ema_bias_correction))
             kl_mean = float(dist.all_reduce_mean(exp["kl_sum"].mean()))
             kl_ctl.update(kl_mean, B * world)
             trainer.step += 1
@@ -284,7 +310,10 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
                    **{k: _mean(v) for k, v in stats.items()}}
             if eval_hook is not None and cfg.train.eval_every > 0 and (
                     trainer.step % cfg.train.eval_every == 0 or trainer.step == cfg.train.max_steps):
-                row.update(eval_hook(ema if ema is not None else policy))
+                target = ema if ema is not None else policy
+                # the hook samples: generate() bypasses an FSDP root; same compute dtype as rollouts
+                with dist.gathered(target), precision.autocast(cfg.train.dtype, device):
+                    row.update(eval_hook(target))
             trainer.log(row)
             info = row
             if dist.is_main() and cfg.train.progress:
@@ -310,4 +339,4 @@ def _mean(v):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

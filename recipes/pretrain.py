@@ -44,7 +44,7 @@ def run(cfg: PretrainConfig, out: str) -> dict:
                                   os.path.join(out, "tokens", "train.bin") if dist.is_main() else None)
     val = TokenStream.from_text([t[c:] for t, c in zip(texts, cut)], tok)
     model = common.build_model(cfg, tok, device)
-    wrapped = dist.wrap(model, cfg.dist.strategy, device)
+    wrapped = common.wrap(cfg, model, device)
     T = min(cfg.data.seq_len, model.cfg.block_size)
 
     def batch_fn(step, micro):
@@ -76,4 +76,4 @@ def _val_nll(m, batch, device):
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -104,7 +104,7 @@ def run(cfg: RMConfig, out: str) -> dict:
     n_pairs = sum(len(x["ranking"]) * (len(x["ranking"]) - 1) // 2 for x in groups)
     dist.print0(f"[rm] {len(groups)} prompts ({n_pairs} max pairs), {len(eval_groups)} held out; "
                 f"{cfg.train.max_steps} steps of {cfg.train.batch_size} prompts")
-    wrapped = dist.wrap(rm, cfg.dist.strategy, device)
+    wrapped = common.wrap(cfg, rm, device)
 
     def batch_fn(step, micro):
         rows = common.rows_for(cfg, len(groups), step, micro, trainer.micro_batch_size, trainer.accum)
@@ -115,34 +115,39 @@ def run(cfg: RMConfig, out: str) -> dict:
         r = group_rewards(m, b)
         loss = ranking_loss(r, b.ranking)
         acc, _ = ranking_accuracy(r.detach(), b.ranking)
-        return loss, {"accuracy": float(acc), "tokens": float(b.ids.numel())}
+        return loss, {"accuracy": acc, "tokens": float(b.ids.numel())}
 
     eval_fn = (lambda m: evaluate(m, eval_groups, tok.pad_id, device)) if eval_groups else None
     trainer = Trainer(wrapped, cfg.train, out, loss_fn=loss_fn, batch_fn=batch_fn, eval_fn=eval_fn,
                       models={"model": rm}, device=device, desc="rm")
     info = trainer.fit()
     rm.eval()
-    result = evaluate(rm, eval_groups, tok.pad_id, device) if eval_groups else {}
-    if cfg.rm.demos:
-        result["demo_mean_before_shift"] = normalize_bias(rm, load_sft(cfg.rm.demos), tok, T, device)
+    with trainer.autocast():  # score as PPO will: in the run's compute dtype, head in fp32
+        result = evaluate(rm, eval_groups, tok.pad_id, device) if eval_groups else {}
+        if cfg.rm.demos:
+            result["demo_mean_before_shift"] = normalize_bias(rm, load_sft(cfg.rm.demos), tok, T, device)
     common.export(rm, tok, out)
     dist.print0(f"[rm] done: step {trainer.step} train loss {info.get('loss', float('nan')):.4f} "
                 f"held-out accuracy {result.get('accuracy', float('nan')):.3f} -> {out}/model")
     return {**info, **{f"eval_{k}": v for k, v in result.items()}}
 
 
-def load_reward_model(path: str, device, dropout: float = 0.0) -> RewardModel:
+def load_reward_model(path: str, device, dropout: float = 0.0, tok=None) -> RewardModel:
     """An RM run folder (uses its model/) or a RewardModel folder; dropout off by default
-    (scoring, and PPO's value model, must be deterministic)."""
+    (scoring, and PPO's value model, must be deterministic). With `tok`, a reward model trained
+    with another tokenizer is refused (common.check_same_tokenizer)."""
     import os
     sub = os.path.join(path, "model")
     try:
-        return RewardModel.load(sub if os.path.isdir(sub) else path, map_location=device, dropout=dropout)
+        rm = RewardModel.load(sub if os.path.isdir(sub) else path, map_location=device, dropout=dropout)
     except CheckpointError as e:
-        raise SystemExit(f"reward model {path}: {e}") from None
+        raise SystemExit(f"error: reward model {path}: {e}") from None
+    if tok is not None:
+        common.check_same_tokenizer(tok, rm, path, "reward model")
+    return rm
 
 
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

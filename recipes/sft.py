@@ -77,43 +77,53 @@ def run(cfg: SFTConfig, out: str) -> dict:
     ptx = None
     if cfg.sft.ptx_path and cfg.sft.ptx_weight > 0:
         ptx = TokenStream.from_text(load_text(cfg.sft.ptx_path), tok)
-    wrapped = dist.wrap(model, cfg.dist.strategy, device)
+    wrapped = common.wrap(cfg, model, device)
+
+    n_trained = mask[:, 1:].sum(1)  # trained (response) tokens per packed row, on the host
 
     def batch_fn(step, micro):
         rows = common.rows_for(cfg, ids.shape[0], step, micro, trainer.micro_batch_size, trainer.accum)
-        b = {"ids": ids[rows].to(device), "mask": mask[rows].to(device)}
+        b = {"ids": ids[rows].to(device), "mask": mask[rows].to(device), "n": int(n_trained[rows].sum())}
         if ptx is not None:
             x, y = ptx.batch(cfg.sft.ptx_batch_size, T, common.step_generator(cfg, step, micro, salt=1))
-            b["ptx"] = (x.to(device), y.to(device))
+            # The trainer weighs each micro batch by its response tokens (count_fn); the ptx
+            # term, a mean over equal-sized batches, is rescaled so it stays a plain mean.
+            n_micro = trainer.accum * dist.world_size()
+            step_n = int(n_trained[common.step_rows(cfg, ids.shape[0], step, trainer.micro_batch_size,
+                                                    trainer.accum)].sum())
+            mean_n = step_n / n_micro
+            b["ptx"] = (x.to(device), y.to(device), mean_n / max(b["n"], 1))
         return b
 
     def loss_fn(m, b):
         loss = masked_nll(m, b["ids"], b["mask"])
-        info = {"sft_loss": float(loss.detach()), "tokens": float(b["mask"].sum())}
+        info = {"sft_loss": loss.detach(), "tokens": float(b["n"])}
         if "ptx" in b:
-            x, y = b["ptx"]
+            x, y, scale = b["ptx"]
             ptx_nll = -m(x, targets=y).mean()
-            loss = loss + cfg.sft.ptx_weight * ptx_nll
-            info["ptx_loss"] = float(ptx_nll.detach())
+            loss = loss + cfg.sft.ptx_weight * scale * ptx_nll
+            info["ptx_loss"] = ptx_nll.detach()
         return loss, info
 
     best = {"score": -float("inf")}
-    rm, rm_prompts = _load_rm(cfg, eval_ex, device)
+    rm, rm_prompts = _load_rm(cfg, eval_ex, tok, device)
 
     def eval_fn(m):
         res = {}
         if eval_rows is not None:
             res["loss"] = float(masked_nll(m, eval_rows[0].to(device), eval_rows[1].to(device)))
         if rm is not None:  # paper: select the SFT model by RM score, not validation loss
-            res["rm_score"] = _rm_score(dist.unwrap(m), rm, tok, rm_prompts, cfg, device)
-            if res["rm_score"] > best["score"] and dist.is_main():
+            with dist.gathered(m):  # generate() bypasses an FSDP root's forward
+                score = _rm_score(dist.unwrap(m), rm, tok, rm_prompts, cfg, device)
+            res["rm_score"] = dist.reduce_floats([score])[0]  # one decision on every rank
+            if res["rm_score"] > best["score"]:
                 best["score"] = res["rm_score"]
-                dist.unwrap(m).save(os.path.join(out, "best"))
+                common.save_full(m, os.path.join(out, "best"))  # collective: full weights under FSDP
         return res
 
     trainer = Trainer(wrapped, cfg.train, out, loss_fn=loss_fn, batch_fn=batch_fn,
                       eval_fn=eval_fn if (eval_rows is not None or rm is not None) else None,
-                      models={"model": model}, device=device, desc="sft")
+                      models={"model": model}, device=device, desc="sft", count_fn=lambda b: b["n"])
     info = trainer.fit()
     if rm is not None and os.path.exists(os.path.join(out, "best", "config.json")):
         from engine.checkpoint import load_weights
@@ -123,12 +133,11 @@ def run(cfg: SFTConfig, out: str) -> dict:
     return info
 
 
-def _load_rm(cfg, eval_ex, device):
+def _load_rm(cfg, eval_ex, tok, device):
     if not cfg.sft.rm:
         return None, None
-    from engine.model import RewardModel
-    path = os.path.join(cfg.sft.rm, "model") if os.path.isdir(os.path.join(cfg.sft.rm, "model")) else cfg.sft.rm
-    rm = RewardModel.load(path, map_location=device).eval()
+    from recipes.rm import load_reward_model
+    rm = load_reward_model(cfg.sft.rm, device, tok=tok).eval().requires_grad_(False)
     return rm, [e["prompt"] for e in eval_ex[: cfg.sft.rm_prompts]]
 
 
@@ -141,4 +150,4 @@ def _rm_score(model, rm, tok, prompts, cfg, device) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

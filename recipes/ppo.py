@@ -318,7 +318,8 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
             info = row
             if dist.is_main() and cfg.train.progress:
                 print(f"[ppo] it {trainer.step}/{cfg.train.max_steps} reward {row['reward']:.3f} "
-                      f"kl {kl_mean:.3f} len {row['response_len']:.1f} ({dt:.1f}s, gen {t_gen:.1f}s)", flush=True)
+                      f"kl {kl_mean:.3f} len {row['response_len']:.1f} first_ratio {first_ratio:.6f} "
+                      f"({dt:.1f}s, gen {t_gen:.1f}s)", flush=True)
             if trainer.should_stop():
                 trainer.save()
                 raise SystemExit(0)

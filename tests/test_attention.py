@@ -42,11 +42,11 @@ def _fwd_bwd(fn, q, k, v, do, **kw):
     return (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
 
 
-def _naive_lowp(q, k, v, *, causal=True, window=None, scale=None, kv_start=None):
+def _naive_lowp(q, k, v, *, causal=True, window=None, scale=None, kv_start=None, mask_extra=None):
     """Dense attention computed entirely in the input dtype: what plain PyTorch gets in bf16/fp16."""
     scale = 1.0 / q.shape[-1] ** 0.5 if scale is None else scale
     mask = A.attention_mask(q.shape[2], k.shape[2], causal=causal, window=window,
-                            kv_start=kv_start, device=q.device)
+                            kv_start=kv_start, segment_ids=mask_extra, device=q.device)
     s = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
     p = torch.softmax(s.masked_fill(~mask.any(-1, keepdim=True), 0.0), dim=-1) * mask
     return p @ v
@@ -209,8 +209,8 @@ def test_hidden_tiles_are_not_visited():
 
     A visited tile would multiply a masked probability 0 by NaN and give NaN, so finite outputs
     prove that the loop bounds (not only the mask) skip the tile."""
-    BM, BN = A._fwd_config(97, 64, torch.float32)[:2]
-    assert (BM, BN) == A._bwd_config(64, torch.float32)[:2] == (16, 16)
+    BM, BN = A.INTERPRETER_CONFIG[:2]
+    assert (BM, BN) == (16, 16)
     B, H, T, D, W = 1, 1, 97, 64, 8
     q, k, v, do = _inputs(B, H, T, T, D, torch.float32, seed=7)
     cut = 4 * BN                                          # keys [0, cut) poisoned
@@ -253,14 +253,166 @@ def test_hidden_tiles_are_not_visited():
     assert torch.equal(got[2][:, :, :BN], torch.zeros_like(got[2][:, :, :BN]))
 
 
+# ----------------------------------------------------------------------------- segment ids
+
+def _seg(rows):
+    return torch.tensor(rows, dtype=torch.int64, device=DEV)
+
+
+def test_segment_bounds_and_positions():
+    seg = _seg([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 7, 7, 7, 5, 5, 5, 9]])
+    lo, hi = A.segment_bounds(seg).long().unbind(1)
+    assert lo.tolist() == [[0, 0, 0, 3, 3, 5, 5, 5, 5], [0, 0, 2, 2, 2, 5, 5, 5, 8]]
+    assert hi.tolist() == [[3, 3, 3, 5, 5, 9, 9, 9, 9], [2, 2, 5, 5, 5, 8, 8, 8, 9]]
+    assert A.segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3],
+                                                 [0, 1, 0, 1, 2, 0, 1, 2, 0]]
+
+
+def test_ref_segments_match_per_row_loop():
+    B, H, Tq, Tk, D = 2, 2, 7, 10, 8
+    q, k, v, _ = _inputs(B, H, Tq, Tk, D, torch.float64)
+    seg = _seg([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2], [3, 3, 4, 4, 3, 3, 3, 3, 3, 8]])
+    lo = A.segment_bounds(seg)[:, 0]
+    for causal, window in ((True, None), (True, 3), (False, None)):
+        out = A.attention_ref(q, k, v, causal=causal, window=window, segment_ids=seg, scale=0.3)
+        for b in range(B):
+            for i in range(Tq):
+                p = Tk - Tq + i
+                js = [j for j in range(Tk) if (not causal or j <= p) and lo[b, j] == lo[b, p]
+                      and (window is None or j > p - window)]
+                w = torch.softmax(0.3 * q[b, :, i, None, :] @ k[b, :, js].transpose(-1, -2), -1)
+                torch.testing.assert_close(out[b, :, i], (w @ v[b, :, js])[:, 0], rtol=0, atol=1e-12)
+
+
+def _random_segments(B, T, seed, max_len=23):
+    """Runs of random lengths (1..max_len); ids repeat across runs to test the run semantics."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(B):
+        ids, cur = [], 0
+        while len(ids) < T:
+            n = int(torch.randint(1, max_len + 1, (1,), generator=g))
+            ids += [cur % 3] * n
+            cur += 1
+        rows.append(ids[:T])
+    return _seg(rows)
+
+
+SEG_CASES = [  # (Tq, Tk, causal, window, kv_start, max segment length)
+    (97, 97, True, None, None, 23),
+    (97, 97, True, 8, None, 40),
+    (64, 64, False, None, None, 16),     # segment boundaries on the 16-wide tile grid
+    (45, 45, True, None, [0, 6], 20),
+    (5, 40, True, None, None, 11),       # a short chunk against a longer cache
+    (1, 33, True, 8, [3, 0], 9),          # decode
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "dq-pass"])
+@pytest.mark.parametrize("case", SEG_CASES, ids=[str(c) for c in SEG_CASES])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_segments_fp32_match_oracle(impl, case, deterministic):
+    if impl == "torch" and deterministic:
+        pytest.skip("one SDPA run is enough")
+    Tq, Tk, causal, window, kv, max_len = case
+    B, H, D = 2, 2, 24
+    fn = A.attention_triton if impl == "triton" else A.attention_torch
+    seg = _random_segments(B, Tk, seed=Tq + Tk, max_len=max_len)
+    kw = dict(causal=causal, window=window, kv_start=_kv(kv, B), segment_ids=seg)
+    q, k, v, do = _inputs(B, H, Tq, Tk, D, torch.float32, seed=Tq)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        got = _fwd_bwd(fn, q, k, v, do, **kw)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    ref = _fwd_bwd(A.attention_ref, *(t.double() for t in (q, k, v, do)), **kw)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.double(), r, rtol=0, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_packed_row_equals_documents_one_by_one(impl):
+    """A packed row with segment ids gives each document exactly its own attention."""
+    fn = A.attention_triton if impl == "triton" else A.attention_torch
+    lens = [13, 1, 30, 20]
+    T, H, D = sum(lens), 2, 32
+    q, k, v, do = _inputs(1, H, T, T, D, torch.float32, seed=12)
+    seg = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])[None].to(DEV)
+    got = _fwd_bwd(fn, q, k, v, do, causal=True, segment_ids=seg)
+    a = 0
+    for n in lens:
+        sl = slice(a, a + n)
+        one = _fwd_bwd(fn, q[:, :, sl], k[:, :, sl], v[:, :, sl], do[:, :, sl], causal=True)
+        for name, g, r in zip(("out", "dq", "dk", "dv"), got, one):
+            torch.testing.assert_close(g[:, :, sl], r, rtol=0, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        a += n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_segments_low_precision_within_2x_pytorch_error(dtype):
+    B, H, T, D = 2, 1, 97, 64
+    seg = _random_segments(B, T, seed=4, max_len=30)
+    kw = dict(causal=True, segment_ids=seg)
+    q, k, v, do = _inputs(B, H, T, T, D, dtype, seed=13)
+    got = _fwd_bwd(A.attention_triton, q, k, v, do, **kw)
+    lowp = _fwd_bwd(lambda *a, segment_ids, **w: _naive_lowp(*a, **w, mask_extra=segment_ids),
+                    q, k, v, do, **kw)
+    ref = _fwd_bwd(A.attention_ref, *(t.float() for t in (q, k, v, do)), **kw)
+    for name, g, lo, r in zip(("out", "dq", "dk", "dv"), got, lowp, ref):
+        err, bound = _errors(g, lo, r, dtype)
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({dtype})"
+
+
+@pytest.mark.skipif(not A._interpreted(), reason="tile sizes are those of the CPU interpreter (16 x 16)")
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_tiles_across_segment_boundaries_are_skipped():
+    """NaN in the keys / queries of one document never reaches another: tiles that lie wholly in
+    another segment are not visited by any of the three passes."""
+    BM, BN = A.INTERPRETER_CONFIG[:2]
+    T, D = 96, 32
+    q, k, v, do = _inputs(1, 1, T, T, D, torch.float32, seed=14)
+    seg = _seg([[0] * 32 + [1] * 64])                    # boundary on a tile edge
+    bad = slice(0, 32)
+    kp, vp, qp, dop = (t.clone() for t in (k, v, q, do))
+    for t in (kp, vp, qp, dop):
+        t[:, :, bad] = float("nan")
+    got = _fwd_bwd(A.attention_triton, qp, kp, vp, dop, causal=False, segment_ids=seg)
+    ref = _fwd_bwd(A.attention_ref, q, k, v, do, causal=False, segment_ids=seg)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(g[:, :, 32:], r[:, :, 32:], rtol=0, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_segment_validation():
+    q, k, v, _ = _inputs(1, 1, 4, 6, 16, torch.float32)
+    for fn in (A.attention_ref, A.attention_torch, A.attention_triton):
+        with pytest.raises(ValueError, match="segment_ids"):
+            fn(q, k, v, segment_ids=torch.zeros(1, 4, dtype=torch.long, device=DEV))
+        with pytest.raises(ValueError, match="segment_ids"):
+            fn(q, k, v, segment_ids=torch.zeros(1, 6, device=DEV))
+
+
 # ----------------------------------------------------------------------------- determinism
 
-def test_backward_is_bit_identical_on_rerun():
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "dq-pass"])
+def test_backward_is_bit_identical_on_rerun(deterministic):
+    """With torch.use_deterministic_algorithms(True) dQ has its own pass and reruns are bitwise
+    equal on any device; the default atomic dQ is bitwise reproducible only in the interpreter."""
+    if not deterministic and not A._interpreted():
+        pytest.skip("atomic dQ adds in a run-dependent order on a GPU")
     B, H, T, D = 2, 1, 45, 80
     q, k, v, do = _inputs(B, H, T, T, D, torch.float32, seed=8)
-    kw = dict(causal=True, window=20, kv_start=_kv([0, 7], B))
-    first = _fwd_bwd(A.attention_triton, q, k, v, do, **kw)
-    again = _fwd_bwd(A.attention_triton, q, k, v, do, **kw)
+    kw = dict(causal=True, window=20, kv_start=_kv([0, 7], B),
+              segment_ids=_random_segments(B, T, seed=3))
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        first = _fwd_bwd(A.attention_triton, q, k, v, do, **kw)
+        again = _fwd_bwd(A.attention_triton, q, k, v, do, **kw)
+    finally:
+        torch.use_deterministic_algorithms(prev)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
@@ -299,5 +451,13 @@ def test_gpu_real_sizes(T, D, window, dtype):
     for name, g, lo, r in zip(("out", "dq", "dk", "dv"), got, lowp, ref):
         err, bound = _errors(g, lo, r, dtype)
         assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} ({dtype})"
-    again = _fwd_bwd(lambda *a, **w: A.attention_triton(*a, causal=True, **w), q, k, v, do, **kw)
-    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = _fwd_bwd(lambda *a, **w: A.attention_triton(*a, causal=True, **w), q, k, v, do, **kw)
+        again = _fwd_bwd(lambda *a, **w: A.attention_triton(*a, causal=True, **w), q, k, v, do, **kw)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(det, again))
+    for name, g, lo, r in zip(("out", "dq", "dk", "dv"), det, lowp, ref):
+        err, bound = _errors(g, lo, r, dtype)
+        assert err <= bound, f"deterministic {name}: error {err:.3g} > bound {bound:.3g}"

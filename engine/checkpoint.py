@@ -71,14 +71,33 @@ def _load_state(module: torch.nn.Module, path: str, map_location="cpu"):
         sd = load_file(path, device=str(map_location))
     except Exception as e:  # truncated / corrupted file
         raise CheckpointError(f"{path}: cannot read checkpoint tensors ({e})") from None
+    from . import dist
+    if dist.is_sharded(module):  # FSDP2: every rank holds the full file; each keeps its shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        keys = set(module.state_dict())
+        missing, unexpected = sorted(keys - set(sd)), sorted(set(sd) - keys)
+        if not missing and not unexpected:
+            try:
+                set_model_state_dict(module, sd, options=StateDictOptions(full_state_dict=True))
+            except (RuntimeError, ValueError) as e:
+                raise CheckpointError(f"{path}: does not match the model: {_first_line(e)}") from None
+        sd = None
     try:
-        missing, unexpected = module.load_state_dict(sd, strict=False)
+        if sd is not None:
+            missing, unexpected = module.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatch
-        raise CheckpointError(f"{path}: does not match the model: {e}") from None
+        raise CheckpointError(f"{path}: does not match the model: {_first_line(e)}") from None
     if missing or unexpected:
         raise CheckpointError(f"{path}: does not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     return module
+
+
+def _first_line(e: Exception) -> str:
+    """One line of an error from deep inside torch (load_state_dict lists every tensor)."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    more = f" (+{len(lines) - 2} more lines)" if len(lines) > 2 else ""
+    return " ".join(lines[:2])[:400] + more
 
 
 def save_model(module: torch.nn.Module, path: str, state_dict: dict | None = None) -> None:

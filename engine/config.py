@@ -109,6 +109,7 @@ class DataSection:
     vocab_size: int = 512            # when a tokenizer is trained here
     seq_len: int = 128
     eval_fraction: float = 0.05
+    mask_packed: bool = True         # packed rows: each document attends only to itself
 
 
 @dataclass

@@ -248,15 +248,16 @@ def encode_sft(examples: list[dict], tok, max_len: int) -> Encoded:
     return out
 
 
-def pack(seqs, seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(seqs, seq_len: int, pad_id: int, *, return_segments: bool = False):
     """Pack ``(ids, loss_mask)`` examples into rows of ``seq_len`` -> (ids [N, seq_len] long,
-    loss_mask [N, seq_len] bool).
+    loss_mask [N, seq_len] bool), plus segment ids [N, seq_len] long with ``return_segments``.
 
     First-fit decreasing: longest first, each into the first row with room (deterministic; row
-    order is by first use). No example is split across rows; padding has mask 0. Packed
-    examples attend to each other and positions run on along the row (as in GPT-3 pretraining):
-    earlier neighbours are visible as extra context, but no loss asks an example to continue its
-    neighbour, since each example starts with prompt tokens (mask 0).
+    order is by first use). No example is split across rows; padding has mask 0. Segment ids
+    number the examples of a row 1, 2, ... (padding 0); passed to the model as ``segment_ids``
+    (``data.mask_packed``, the default in the recipes) each example sees only itself, with
+    positions from 0, exactly as if it were alone. Without them packed examples attend to their
+    earlier neighbours and positions run on along the row (as in GPT-3 pretraining).
     """
     lengths = [len(ids) for ids, _ in seqs]
     for i, ((ids, mask), n) in enumerate(zip(seqs, lengths)):
@@ -280,14 +281,23 @@ def pack(seqs, seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         free[r] -= lengths[i]
     ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), seq_len), dtype=torch.bool)
+    seg = torch.zeros((len(rows), seq_len), dtype=torch.long)
     for r, members in enumerate(rows):
         pos = 0
-        for i in members:
+        for s_id, i in enumerate(members, start=1):
             n = lengths[i]
             ids[r, pos:pos + n] = torch.as_tensor(seqs[i][0], dtype=torch.long)
             mask[r, pos:pos + n] = torch.as_tensor(seqs[i][1], dtype=torch.bool)
+            seg[r, pos:pos + n] = s_id
             pos += n
-    return ids, mask
+    return (ids, mask, seg) if return_segments else (ids, mask)
+
+
+def segments_from_eos(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Segment ids [B, T] for windows of an EOS-separated token stream: a new segment starts
+    after every EOS (the EOS itself closes the document before it)."""
+    eos = (ids == eos_id).long()
+    return eos.cumsum(1) - eos
 
 
 # ------------------------------------------------------------------------------- RM tensors

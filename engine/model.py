@@ -13,6 +13,9 @@ token logprob through `kernels.linear_logprobs`, which never materialises [N, V]
 
 Batched prompts of different lengths are left-padded; `kv_start[b]` is the number of pad tokens
 of row b. Position ids then start at 0 on the first real token, and pad keys are masked.
+Packed rows (several documents in one row) pass `segment_ids [B,T]`: a token attends only to
+earlier tokens of its own segment and its position id restarts at 0 in each segment, so each
+document is computed exactly as it would be alone.
 """
 from __future__ import annotations
 
@@ -68,12 +71,13 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.d_model, 3 * inner, bias=cfg.bias)
         self.c_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x, kv_start=None, cache: KVCache | None = None):
+    def forward(self, x, kv_start=None, cache: KVCache | None = None, segment_ids=None):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
         if cache is not None:  # (B, H, T, D) -> attend over everything cached so far
             k, v = cache.append(self.layer, k, v)
-        y = kernels.attention(q, k, v, causal=True, window=self.window, kv_start=kv_start)
+        y = kernels.attention(q, k, v, causal=True, window=self.window, kv_start=kv_start,
+                              segment_ids=segment_ids)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -89,8 +93,8 @@ class Block(nn.Module):
         self.mlp.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, kv_start=None, cache=None):
-        x = x + self.drop(self.attn(self.ln_1(x), kv_start, cache))
+    def forward(self, x, kv_start=None, cache=None, segment_ids=None):
+        x = x + self.drop(self.attn(self.ln_1(x), kv_start, cache, segment_ids))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -123,30 +127,37 @@ class GPT(SaveLoad, nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------ forward
-    def hidden_states(self, idx, *, kv_start=None, cache: KVCache | None = None):
-        """idx [B,T] long -> [B,T,d] after the final LayerNorm."""
+    def hidden_states(self, idx, *, kv_start=None, cache: KVCache | None = None, segment_ids=None):
+        """idx [B,T] long -> [B,T,d] after the final LayerNorm. segment_ids [B,T] (packed rows,
+        no cache): attention stays inside each segment and positions restart at 0 in each."""
         B, T = idx.shape
         t0 = cache.length if cache is not None else 0
         if t0 + T > self.cfg.block_size:
             raise ValueError(f"sequence of {t0 + T} tokens exceeds block_size {self.cfg.block_size}")
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
         pos = torch.arange(t0, t0 + T, device=idx.device).expand(B, T)
         if kv_start is not None:  # left padding: the first real token gets position 0
             pos = (pos - kv_start.view(B, 1)).clamp_min(0)
+        if segment_ids is not None:
+            if segment_ids.shape != (B, T):
+                raise ValueError(f"segment_ids must be [B,T]={B, T}, got {tuple(segment_ids.shape)}")
+            pos = kernels.segment_positions(segment_ids.to(idx.device))
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
-            x = block(x, kv_start, cache)
+            x = block(x, kv_start, cache, segment_ids)
         if cache is not None:
             cache.length += T
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, *, kv_start=None, cache=None, temperature=1.0,
-                return_entropy=False):
+                return_entropy=False, segment_ids=None):
         """idx [B,T] -> logits [B,T,V]; with targets [B,T]: their log-probs [B,T] fp32 instead,
         through kernels.linear_logprobs (no [B,T,V] tensor; targets == -100 give 0).
 
         Training code passes targets, so the call goes through a DDP/FSDP wrapper's forward.
         """
-        h = self.hidden_states(idx, kv_start=kv_start, cache=cache)
+        h = self.hidden_states(idx, kv_start=kv_start, cache=cache, segment_ids=segment_ids)
         if targets is None:
             return F.linear(h, self.lm_head_weight)
         B, T, d = h.shape

@@ -1,6 +1,7 @@
 """Custom ops of the engine, with one dispatch point per op.
 
-    attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None)
+    attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None, segment_ids=None)
+    attention_backend(q, k, v, ...) -> "triton" | "sdpa" | "torch" | "ref" for such a call
     linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False)
     linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, temperature=1.0)
     gae(rewards, values, mask, *, gamma, lam)
@@ -12,7 +13,10 @@ Backend choice (ENGINE_KERNELS=auto|ref|triton|cpp|torch, default auto):
   triton force Triton (on CPU tensors this needs TRITON_INTERPRET=1; that is how CI tests it).
   cpp    force the C++ ops (CPU tensors).
   torch  force the chunked / SDPA PyTorch paths.
-Attention has no C++ op: on CPU, `auto` and `cpp` use the SDPA path.
+Attention has no C++ op: on CPU, `auto` and `cpp` use the SDPA path. On CUDA, `auto` sends dense
+causal / non-causal 16-bit calls (no window, left padding or segments) to whichever of our Triton
+kernel and SDPA's flash / cuDNN backend timed faster for that shape on first use (logged by the
+"kernels.attention" logger); `triton` always uses ours.
 """
 import importlib
 import os
@@ -24,7 +28,8 @@ from .gae import gae_ref
 from .kl import linear_kl_ref
 from .logprob import linear_logprobs_ref
 
-__all__ = ["attention", "linear_logprobs", "linear_kl", "gae", "backend",
+__all__ = ["attention", "attention_backend", "segment_positions", "linear_logprobs", "linear_kl",
+           "gae", "backend",
            "attention_ref", "linear_logprobs_ref", "linear_kl_ref", "gae_ref"]
 
 _VALID = ("auto", "ref", "triton", "cpp", "torch")
@@ -57,22 +62,44 @@ def _cpp_available() -> bool:
     return _cpp.available()
 
 
-def attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None):
+def attention_backend(q, k, v, *, causal=True, window=None, scale=None, kv_start=None,
+                      segment_ids=None):
+    """Name of the implementation `attention` uses for these arguments: "ref", "triton",
+    "sdpa" (CUDA: torch SDPA's flash / cuDNN kernels, chosen under ENGINE_KERNELS=auto for dense
+    calls where they time faster on first use; see kernels/attention.py) or "torch" (the SDPA
+    path with an explicit mask, CPU)."""
+    b = backend(q, has_cpp=False)
+    if b == "cpp":
+        b = "torch"
+    if b == "triton" and q.is_cuda and os.environ.get("ENGINE_KERNELS", "auto").lower() == "auto":
+        from .attention import choose_backend
+        b = choose_backend(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start,
+                           segment_ids=segment_ids)
+    return b
+
+
+def attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None, segment_ids=None):
     """Scaled dot-product attention. q [B,H,Tq,D], k/v [B,H,Tk,D] with Tq <= Tk.
 
     Query i sits at absolute position p_i = Tk - Tq + i (bottom-right aligned, so prefill and
     one-token decode against a KV cache use the same call). Key j is visible to query i iff
-    j <= p_i (causal), j > p_i - window (window=w), and j >= kv_start[b] (left padding).
-    Rows that see no key return 0.
+    j <= p_i (causal), j > p_i - window (window=w), j >= kv_start[b] (left padding), and j lies
+    in the same segment as p_i (segment_ids [B,Tk] int: packed rows; a segment is a maximal run
+    of equal ids). Rows that see no key return 0. ENGINE_KERNELS=triton forces the Triton kernels.
     """
-    b = backend(q, has_cpp=False)
+    b = attention_backend(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start,
+                          segment_ids=segment_ids)
+    kw = dict(causal=causal, window=window, scale=scale, kv_start=kv_start, segment_ids=segment_ids)
     if b == "ref":
-        return attention_ref(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
-    if b == "triton":
-        from .attention import attention_triton
-        return attention_triton(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
-    from .attention import attention_torch
-    return attention_torch(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start)
+        return attention_ref(q, k, v, **kw)
+    mod = _mod("attention")
+    fn = {"triton": mod.attention_triton, "sdpa": mod.attention_sdpa}.get(b, mod.attention_torch)
+    return fn(q, k, v, **kw)
+
+
+def segment_positions(segment_ids):
+    """Position of each token inside its segment of a packed row (restarts at 0)."""
+    return _mod("attention").segment_positions(segment_ids)
 
 
 # op -> {backend: (module, function)}; "cpp" functions live in kernels/_cpp.py.

@@ -13,7 +13,7 @@ import torch
 
 from engine import dist
 from engine.config import DataSection, DistSection, ModelSection, TrainConfig, section
-from engine.data import TokenStream, load_text
+from engine.data import TokenStream, load_text, segments_from_eos
 from engine.trainer import Trainer
 from recipes import common
 
@@ -47,17 +47,22 @@ def run(cfg: PretrainConfig, out: str) -> dict:
     wrapped = common.wrap(cfg, model, device)
     T = min(cfg.data.seq_len, model.cfg.block_size)
 
+    # windows of the EOS-separated stream: with data.mask_packed a document never attends
+    # across an EOS into the one before it, and its positions restart at 0
+    eos = tok.eos_id if cfg.data.mask_packed else None
+
     def batch_fn(step, micro):
         x, y = train.batch(trainer.micro_batch_size, T, common.step_generator(cfg, step, micro))
         return x.to(device), y.to(device)
 
     def loss_fn(m, batch):
         x, y = batch
-        return -m(x, targets=y).mean(), {"tokens": x.numel()}
+        seg = None if eos is None else segments_from_eos(x, eos)
+        return -m(x, targets=y, segment_ids=seg).mean(), {"tokens": x.numel()}
 
     def eval_fn(m):
         g = torch.Generator().manual_seed(1234)
-        losses = [_val_nll(m, val.batch(8, T, g), device)
+        losses = [_val_nll(m, val.batch(8, T, g), device, eos)
                   for _ in range(cfg.train.eval_batches)]
         return {"loss": float(torch.stack(losses).mean())}
 
@@ -70,9 +75,9 @@ def run(cfg: PretrainConfig, out: str) -> dict:
     return info
 
 
-def _val_nll(m, batch, device):
+def _val_nll(m, batch, device, eos=None):
     x, y = (t.to(device) for t in batch)
-    return -m(x, targets=y).mean()
+    return -m(x, targets=y, segment_ids=None if eos is None else segments_from_eos(x, eos)).mean()
 
 
 if __name__ == "__main__":

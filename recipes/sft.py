@@ -45,9 +45,10 @@ class SFTConfig:
     dist: DistSection = section(DistSection)
 
 
-def masked_nll(m, ids, mask):
-    """Response-token NLL of packed rows: predict ids[:, 1:] from ids[:, :-1]."""
-    logp = m(ids[:, :-1], targets=ids[:, 1:])
+def masked_nll(m, ids, mask, seg=None):
+    """Response-token NLL of packed rows: predict ids[:, 1:] from ids[:, :-1]; with segment ids
+    seg [B, T] each packed demonstration attends only to itself."""
+    logp = m(ids[:, :-1], targets=ids[:, 1:], segment_ids=None if seg is None else seg[:, :-1])
     return sft_loss(logp, mask[:, 1:].float())
 
 
@@ -70,8 +71,12 @@ def run(cfg: SFTConfig, out: str) -> dict:
     enc = encode_sft(train_ex, tok, T)
     if not enc:
         raise SystemExit(f"{cfg.data.path}: no example fits data.seq_len={T}")
-    ids, mask = pack(enc, T, tok.pad_id)
-    eval_rows = pack(encode_sft(eval_ex, tok, T), T, tok.pad_id) if eval_ex else None
+    ids, mask, seg = pack(enc, T, tok.pad_id, return_segments=True)
+    eval_rows = (pack(encode_sft(eval_ex, tok, T), T, tok.pad_id, return_segments=True)
+                 if eval_ex else None)
+    if not cfg.data.mask_packed:  # packed demonstrations see their earlier neighbours
+        seg = None
+        eval_rows = eval_rows and eval_rows[:2] + (None,)
     dist.print0(f"[sft] {len(train_ex)} demos -> {ids.shape[0]} packed rows of {T} tokens "
                 f"({enc.dropped} dropped, {enc.truncated} prompts truncated); {n_eval} held out")
     ptx = None
@@ -83,7 +88,8 @@ def run(cfg: SFTConfig, out: str) -> dict:
 
     def batch_fn(step, micro):
         rows = common.rows_for(cfg, ids.shape[0], step, micro, trainer.micro_batch_size, trainer.accum)
-        b = {"ids": ids[rows].to(device), "mask": mask[rows].to(device), "n": int(n_trained[rows].sum())}
+        b = {"ids": ids[rows].to(device), "mask": mask[rows].to(device), "n": int(n_trained[rows].sum()),
+             "seg": None if seg is None else seg[rows].to(device)}
         if ptx is not None:
             x, y = ptx.batch(cfg.sft.ptx_batch_size, T, common.step_generator(cfg, step, micro, salt=1))
             # The trainer weighs each micro batch by its response tokens (count_fn); the ptx
@@ -96,7 +102,7 @@ def run(cfg: SFTConfig, out: str) -> dict:
         return b
 
     def loss_fn(m, b):
-        loss = masked_nll(m, b["ids"], b["mask"])
+        loss = masked_nll(m, b["ids"], b["mask"], b["seg"])
         info = {"sft_loss": loss.detach(), "tokens": float(b["n"])}
         if "ptx" in b:
             x, y, scale = b["ptx"]
@@ -111,7 +117,7 @@ def run(cfg: SFTConfig, out: str) -> dict:
     def eval_fn(m):
         res = {}
         if eval_rows is not None:
-            res["loss"] = float(masked_nll(m, eval_rows[0].to(device), eval_rows[1].to(device)))
+            res["loss"] = float(masked_nll(m, *(None if t is None else t.to(device) for t in eval_rows)))
         if rm is not None:  # paper: select the SFT model by RM score, not validation loss
             with dist.gathered(m):  # generate() bypasses an FSDP root's forward
                 score = _rm_score(dist.unwrap(m), rm, tok, rm_prompts, cfg, device)

@@ -47,6 +47,7 @@ Caution:
   * kv_start values outside [0, Tk] are clamped by the masks naturally (rows simply see fewer
     keys); they are not validated on the device.
 """
+import logging
 import math
 
 import torch
@@ -189,8 +190,8 @@ def _fwd_entry(d, kind, mask, bucket):
     if d <= 64:
         return (128, 64 if mask == "band" else 128, 8, 3)
     if d <= 128:
-        return (128, 64, 8, 3)
-    return (64, 64, 4, 2)
+        return (128, 64, 8, 2 if mask == "band" else 3)
+    return (64, 32, 8, 2)
 
 
 def _dkdv_entry(d, kind, mask, bucket):
@@ -198,10 +199,10 @@ def _dkdv_entry(d, kind, mask, bucket):
     if kind == "32":
         return (16, 32, 4, 2) if d > 64 else (32, 32, 4, 2)
     if d <= 64:
-        return (64, 128, 8, 3)
+        return (32, 128, 8, 3)
     if d <= 128:
-        return (64, 128, 8, 2)
-    return (32, 64, 4, 2)
+        return (32, 64, 8, 2)
+    return (16, 64, 8, 2)
 
 
 def _dq_entry(d, kind, mask, bucket):
@@ -210,9 +211,11 @@ def _dq_entry(d, kind, mask, bucket):
         return _fwd_entry(d, kind, mask, bucket)
     if kind == "32":
         return (32, 32, 4, 2) if d <= 64 else (16, 32, 4, 2)
-    if d <= 128:
+    if d <= 64:
         return (128, 64, 8, 3)
-    return (64, 32, 4, 2)
+    if d <= 128:
+        return (128, 32, 8, 3)
+    return (64, 32, 8, 2)
 
 
 FWD_CONFIGS = _table(_fwd_entry)
@@ -329,3 +332,83 @@ def attention_triton(q, k, v, *, causal=True, window=None, scale=None, kv_start=
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
     return _AttentionFn.apply(q, k, v, causal, window, scale, kv_start, segment_ids)
+
+
+# ----------------------------------------------------------------------------- backend choice
+# On CUDA, dense attention without window, left padding or segments (plain causal prefill or
+# non-causal) is the one case where torch SDPA's flash / cuDNN kernels may beat ours; for those
+# calls the first use of each shape times both (forward, plus backward when grads are needed)
+# and remembers the faster. Banded layers, left padding, segments and decode always use ours.
+_CHOICES: dict = {}
+_log = logging.getLogger("kernels.attention")
+
+
+def sdpa_eligible(q, k, *, causal=True, window=None, kv_start=None, segment_ids=None):
+    """True if torch SDPA's flash / cuDNN backends compute this call exactly as ours would."""
+    return (q.is_cuda and window is None and kv_start is None and segment_ids is None
+            and (not causal or q.shape[2] == k.shape[2]) and q.shape[2] > 16
+            and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+
+
+def _sdpa_fast(q, k, v, causal, scale):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def _time_ms(fn, q, k, v, grad, reps=3):
+    q, k, v = (t.detach().requires_grad_(grad) for t in (q, k, v))
+
+    def once():
+        o = fn(q, k, v)
+        if grad:
+            torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+
+    once()                                           # compile / warm up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        once()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def choose_backend(q, k, v, *, causal=True, window=None, scale=None, kv_start=None,
+                   segment_ids=None):
+    """'triton' or 'sdpa' for a CUDA call under ENGINE_KERNELS=auto (see the comment above);
+    the first choice for each case is logged at INFO level by the "kernels.attention" logger."""
+    if not sdpa_eligible(q, k, causal=causal, window=window, kv_start=kv_start,
+                         segment_ids=segment_ids):
+        return "triton"
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    B, H, Tq, D = q.shape
+    key = (triton.next_power_of_2(B * H), Tq, k.shape[2], D, q.dtype, bool(causal), grad,
+           q.device.index)
+    got = _CHOICES.get(key)
+    if got is not None:
+        return got
+    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return "triton"                              # no timing inside graphs; do not cache
+    try:
+        t_ours = _time_ms(lambda a, b, c: attention_triton(a, b, c, causal=causal, scale=scale),
+                          q, k, v, grad)
+        t_sdpa = _time_ms(lambda a, b, c: _sdpa_fast(a, b, c, causal, scale), q, k, v, grad)
+    except RuntimeError as e:                        # e.g. no flash / cuDNN kernel for this GPU
+        _log.info("attention %s: SDPA flash/cuDNN unavailable (%s); using triton", key, e)
+        _CHOICES[key] = "triton"
+        return "triton"
+    got = "sdpa" if t_sdpa < t_ours else "triton"
+    _CHOICES[key] = got
+    _log.info("attention B*H~%d Tq=%d Tk=%d D=%d %s causal=%s grad=%s: %s (triton %.3f ms, "
+              "sdpa %.3f ms)", key[0], Tq, k.shape[2], D, str(q.dtype).replace("torch.", ""),
+              causal, grad, got, t_ours, t_sdpa)
+    return got
+
+
+def attention_sdpa(q, k, v, *, causal=True, window=None, scale=None, kv_start=None,
+                   segment_ids=None):
+    """The 'sdpa' choice: torch SDPA restricted to its flash / cuDNN backends (eligible calls)."""
+    assert window is None and kv_start is None and segment_ids is None
+    return _sdpa_fast(q, k, v, causal, scale)

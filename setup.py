@@ -31,6 +31,8 @@ setup(
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],
         "hf": ["transformers", "tokenizers"],
-        "dev": ["pytest", "ninja", "matplotlib", "transformers", "tokenizers"],
+        # tensorboard: train.tensorboard=true (torch.utils.tensorboard needs it) and its test
+        "tensorboard": ["tensorboard"],
+        "dev": ["pytest", "ninja", "matplotlib", "transformers", "tokenizers", "tensorboard"],
     },
 )

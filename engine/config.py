@@ -134,6 +134,7 @@ class TrainConfig:
     max_bad_steps: int = 5           # consecutive non-finite steps before giving up
     progress: bool = True
     threads: int = 0                 # CPU threads per process; 0 = cores // local processes
+    tensorboard: bool = False        # also write metrics.jsonl rows as TensorBoard scalars (<run>/tb/)
 
 
 @dataclass

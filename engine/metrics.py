@@ -13,10 +13,16 @@ class MetricsWriter:
 
     On resume, lines of steps after the checkpoint are dropped (`truncate_after`): those steps are
     about to be recomputed, so the file stays one clean sequence, as if never interrupted.
+
+    tensorboard=True also writes every numeric field of each row as a TensorBoard scalar (tag =
+    the field name, step = the row's "step") under <dir of path>/tb/, flushed with each row. On
+    resume the event writer is opened with purge_step = the checkpoint's step + 1, so TensorBoard
+    drops the old events of the recomputed steps just as the jsonl lines are dropped.
     """
 
-    def __init__(self, path: str, truncate_after: int | None = None, enabled: bool = True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: str, truncate_after: int | None = None, enabled: bool = True,
+                 tensorboard: bool = False):
+        self.path, self.enabled, self.tb = path, enabled, None
         if not enabled:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -26,6 +32,9 @@ class MetricsWriter:
             atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
         elif truncate_after is None and os.path.exists(path):
             os.unlink(path)  # a fresh run (no checkpoint) starts a fresh file
+        if tensorboard:
+            self.tb = _tensorboard_writer(os.path.join(os.path.dirname(os.path.abspath(path)), "tb"),
+                                          truncate_after)
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -34,6 +43,34 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(clean, allow_nan=True) + "\n")
             f.flush()
+        if self.tb is not None:
+            step = int(clean.get("step", 0))
+            for k, v in clean.items():
+                # strings, lists and None have no scalar form; bools are plotted as 0/1
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, float(v), step)
+            self.tb.flush()  # blocks until the events are on disk: a crash loses no logged step
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def _tensorboard_writer(log_dir: str, truncate_after: int | None):
+    """A torch SummaryWriter on log_dir; a fresh run removes the event files of an earlier one."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's writer needs the separate `tensorboard` package
+        from .config import ConfigError
+        raise ConfigError("train.tensorboard=true needs the tensorboard package: "
+                          "pip install tensorboard") from None
+    if truncate_after is None and os.path.isdir(log_dir):
+        for name in os.listdir(log_dir):
+            if name.startswith("events.out.tfevents."):
+                os.unlink(os.path.join(log_dir, name))
+    purge = truncate_after + 1 if truncate_after is not None else None
+    return SummaryWriter(log_dir=log_dir, purge_step=purge, flush_secs=3600)
 
 
 def read_metrics(path: str) -> list[dict]:

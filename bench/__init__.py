@@ -20,6 +20,10 @@ BENCHMARKS = {
                          "and a vectorized torch scan"),
     "steps": ("bench.steps", "end-to-end SFT / RM / PPO (rollout + update) steps: tokens/s, MFU, "
                              "peak memory, PPO generation/training split"),
+    "ppo_vs_trl": ("bench.ppo_vs_trl", "one PPO iteration, recipes.ppo vs TRL 1.12 PPOTrainer on the "
+                                       "same shapes (CPU): episodes/s, ratio, generate/score/train split"),
+    "ceilings": ("bench.ceilings", "device ceilings: a large bf16 (CPU: fp32) matmul in TFLOP/s and a "
+                                   "device-to-device copy in GB/s"),
 }
 
 __all__ = ["BENCHMARKS"]

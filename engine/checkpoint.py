@@ -135,8 +135,9 @@ def read_model_config(path: str, **overrides):
 
 
 def load_model(cls, path: str, map_location="cpu", **overrides):
-    model = cls(read_model_config(path, **overrides))
-    return _load_state(model, os.path.join(path, "model.safetensors"), map_location).to(map_location)
+    from .model import build  # allocated on the target device, not initialised: loaded next
+    model = build(cls, read_model_config(path, **overrides), map_location, init=False)
+    return _load_state(model, os.path.join(path, "model.safetensors"), map_location)
 
 
 def load_weights(module: torch.nn.Module, path: str) -> torch.nn.Module:

@@ -102,15 +102,29 @@ class GPT(SaveLoad, nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
+        # The submodules' default inits draw random numbers that init_weights() overwrites; undo
+        # those draws so that `GPT(cfg)` and `build(GPT, cfg)` (meta device, no draws) give the
+        # same weights for the same seed.
+        rng = torch.get_rng_state()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        if self.wte.weight.device.type != "meta":
+            torch.set_rng_state(rng)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 initialisation, in place, on whatever device the parameters are (see `build`)."""
         self.apply(self._init)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual projections: keep the stream's variance
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
 
     @staticmethod
     def _init(m):
@@ -262,9 +276,20 @@ class RewardModel(SaveLoad, nn.Module):
         super().__init__()
         self.cfg = cfg
         self.trunk = GPT(cfg)
+        rng = torch.get_rng_state()
         self.head = nn.Linear(cfg.d_model, 1)
-        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(cfg.d_model + 1))
+        if self.head.weight.device.type != "meta":
+            torch.set_rng_state(rng)  # as in GPT: the default init's draws are overwritten
+        self._init_head()
+
+    @torch.no_grad()
+    def _init_head(self) -> None:
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(self.cfg.d_model + 1))
         nn.init.zeros_(self.head.bias)
+
+    def init_weights(self) -> None:
+        self.trunk.init_weights()
+        self._init_head()
 
     def forward(self, idx, *, kv_start=None):
         h = self.trunk.hidden_states(idx, kv_start=kv_start)
@@ -285,6 +310,23 @@ class RewardModel(SaveLoad, nn.Module):
         rm.trunk.load_state_dict(gpt.state_dict())
         return rm
 
+
+
+def build(cls, cfg: GPTConfig, device="cpu", init: bool = True):
+    """`cls(cfg)` (GPT or RewardModel) allocated and initialised directly on `device`.
+
+    The modules are created on the meta device (no memory, no init), then allocated on
+    `device` and initialised there, so a 1.3B model is ready in seconds on a GPU instead of
+    being filled by CPU `normal_` calls and copied. On the CPU the numbers equal `cls(cfg)`'s
+    for the same seed (same init calls in the same order). init=False leaves the memory
+    uninitialised, for weights that are loaded next.
+    """
+    with torch.device("meta"):
+        model = cls(cfg)
+    model.to_empty(device=device)
+    if init:
+        model.init_weights()
+    return model
 
 
 def read_config(path: str) -> GPTConfig:

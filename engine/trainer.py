@@ -55,8 +55,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 def make_optimizer(model, cfg: TrainConfig, lr: float | None = None):
+    """AdamW over `param_groups`; the fused (single-kernel) implementation on CUDA, where torch
+    has it for every parameter dtype we use, else the default foreach one."""
+    p0 = next(model.parameters(), None)
+    fused = p0 is not None and p0.device.type == "cuda"
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr if lr is None else lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+                             betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
 
 
 class NonFiniteError(RuntimeError):
@@ -199,17 +203,18 @@ class Trainer:
                 v = v.detach().float() if isinstance(v, torch.Tensor) else v
                 sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v * w)
         keys = sorted(sums)
-        # one device -> host transfer for everything logged this step
-        vals = [loss_total] + [sums[k] for k in keys]
-        local = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device).reshape(())
-                             for x in vals]).tolist()
-        red = dist.reduce_floats(local)
-        loss_total = red[0]
-        sums = {k: v * dist.world_size() if k == "tokens" else v for k, v in zip(keys, red[1:])}
         params = [p for g in opt.param_groups for p in g["params"]]
         clip = self.cfg.grad_clip if clip is None else clip
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        # one device -> host transfer for everything logged this step (and the finite check)
+        vals = [loss_total] + [sums[k] for k in keys] + [gnorm]
+        local = torch.stack([torch.as_tensor(x, device=self.device).to(torch.float64).reshape(())
+                             for x in vals]).tolist()
+        gnorm = local.pop()
+        red = dist.reduce_floats(local)
+        loss_total = red[0]
+        sums = {k: v * dist.world_size() if k == "tokens" else v for k, v in zip(keys, red[1:])}
         finite = math.isfinite(loss_total) and math.isfinite(gnorm)
         if finite:
             opt.step()

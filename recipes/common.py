@@ -155,7 +155,7 @@ def build_model(cfg, tok, device, cls=None):
     import json
 
     from engine.hf import from_hf, is_hf_model_dir
-    from engine.model import GPT, read_config
+    from engine.model import GPT, build, read_config
 
     cls = cls or GPT
     # The init's training-time dropout is not inherited (SFT's 0.2 must not leak into the RM or
@@ -175,16 +175,17 @@ def build_model(cfg, tok, device, cls=None):
         gcfg = read_config(src)
         for k, v in over.items():
             setattr(gcfg, k, v)
-        model = cls(gcfg).to(device)
         kind = json.loads((Path(src) / "config.json").read_text()).get("model_class", "GPT")
-        target = model.trunk if (kind == "GPT" and cls is not GPT) else model
+        whole = not (kind == "GPT" and cls is not GPT)  # else: a new RM head on a GPT trunk
+        model = build(cls, gcfg, device, init=not whole)  # on the device, no init for loaded weights
+        target = model if whole else model.trunk
         try:
             load_weights(target, src)
         except CheckpointError as e:
             raise SystemExit(f"model.init: {e}") from None
         return model
     vocab = cfg.model.vocab_size or tok.vocab_size
-    model = cls(cfg.model.gpt_config(vocab_size=vocab)).to(device)
+    model = build(cls, cfg.model.gpt_config(vocab_size=vocab), device)  # meta -> init on the device
     if src:  # a training checkpoint folder (run/ckpt/step_N) of the same architecture
         try:
             load_weights(model, src)

@@ -240,17 +240,23 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
                       load_state_fn=lambda s: (kl_ctl.load_state_dict(s["kl"]), moments.load_state_dict(s["moments"])))
     trainer.resume()
 
-    def token_share(mask):
-        """local tokens x ranks / global tokens: the per-rank token means, averaged over ranks
-        by DDP/FSDP, then equal the token mean over the whole minibatch."""
-        n = float(mask.sum())
-        return n * world / max(sum(dist.reduce_floats([n], "mean")) * world, 1.0) if world > 1 else 1.0
+    def token_shares(roll, epochs) -> list:
+        """Per minibatch: local tokens x ranks / global tokens, so the per-rank token means,
+        averaged over ranks by DDP/FSDP, equal the token mean over the whole minibatch. All
+        minibatches of an iteration in one host transfer and one all-reduce."""
+        if world == 1:
+            return [[1.0] * len(order) for order in epochs]
+        per_row = roll.mask.sum(1).cpu()
+        local = [float(per_row[idx].sum()) for order in epochs for idx in order]
+        total = dist.reduce_floats(local, "sum")
+        flat = iter([n * world / max(t, 1.0) for n, t in zip(local, total)])
+        return [[next(flat) for _ in order] for order in epochs]
 
     def policy_step(m, mb):
-        roll, exp, ptx_batch = mb
+        roll, exp, ptx_batch, share = mb
         logp = policy_logprobs(m, roll, temperature=p.temperature)
         loss, st = ppo_policy_loss(logp, exp["old_logp"], exp["adv"], roll.mask, clip=p.clip)
-        loss = loss * token_share(roll.mask)
+        loss = loss * share
         info = {"policy_loss": loss.detach(), **st}
         if ptx_batch is not None:  # same backward, same gradient buffer as the PPO loss
             x, y = ptx_batch
@@ -260,10 +266,10 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
         return loss, info
 
     def value_step(m, mb):
-        roll, exp, _ = mb
+        roll, exp, _, share = mb
         v = values(m, roll)
         loss = value_loss(v, exp["old_values"], exp["returns"], roll.mask, clip=p.value_clip)
-        loss = loss * token_share(roll.mask)
+        loss = loss * share
         return p.vf_coef * loss, {"value_loss": loss.detach()}
 
     info = {}
@@ -278,14 +284,15 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
             exp = make_experience(policy, ref, rm, value_model, roll, cfg, kl_ctl.value, epochs[0], moments)
             lr = cfg.train.lr * lr_factor(it, p)
             stats: dict = {}
-            for order in epochs:
-                for idx in order:
+            shares = token_shares(roll, epochs)
+            for order, order_shares in zip(epochs, shares):
+                for idx, share in zip(order, order_shares):
                     mb_exp = {k: exp[k][idx] for k in ("old_logp", "old_values", "adv", "returns")}
                     ptx_batch = None
                     if ptx is not None:
                         x, y = ptx.batch(ptx_n // world, ptx_T, g)
                         ptx_batch = (x.to(device), y.to(device))
-                    mb = (roll.select(idx), mb_exp, ptx_batch)
+                    mb = (roll.select(idx), mb_exp, ptx_batch, share)
                     s1 = trainer.update([mb], policy_step, model=pw, optimizer=trainer.optimizers["model"], lr=lr)
                     s2 = trainer.update([mb], value_step, model=vw, optimizer=trainer.optimizers["value"],
                                         lr=p.value_lr * lr_factor(it, p))

@@ -3,6 +3,7 @@
     python -m bench                              # list the benchmarks
     python -m bench gae --quick --device cpu     # one benchmark, small shapes
     python -m bench all --quick --plot           # everything, plus PNGs of the sweeps
+    python -m bench aot [--arch 90]              # compile-only resource check of every kernel config
 
 Each benchmark module exposes `DESCRIPTION` and `run(run: bench.common.Run)`; rows go to
 bench/results/<name>.csv (see bench/common.py for how time and memory are measured).
@@ -26,4 +27,10 @@ BENCHMARKS = {
                                    "device-to-device copy in GB/s"),
 }
 
-__all__ = ["BENCHMARKS"]
+# Tools that are not timings (own command line; not part of `all`).
+COMMANDS = {
+    "aot": ("bench.aot", "compile every Triton kernel config for sm_90 on any machine (no GPU "
+                         "needed): shared memory, registers, spills; non-zero exit if one misfits"),
+}
+
+__all__ = ["BENCHMARKS", "COMMANDS"]

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import BENCHMARKS
+from . import BENCHMARKS, COMMANDS
 
 
 def _list():
@@ -16,9 +16,14 @@ def _list():
     for name, (_, desc) in BENCHMARKS.items():
         print(f"  {name:<10} {desc}")
     print("  all        every benchmark above, in this order")
+    for name, (_, desc) in COMMANDS.items():
+        print(f"  {name:<10} {desc}")
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("name", nargs="?", help="benchmark name, or 'all'")
     p.add_argument("--quick", action="store_true", help="small shapes (minutes on a CPU)")

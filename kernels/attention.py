@@ -202,7 +202,7 @@ def _dkdv_entry(d, kind, mask, bucket):
         return (32, 128, 8, 3)
     if d <= 128:
         return (32, 64, 8, 2)
-    return (16, 64, 8, 2)
+    return (16, 32, 8, 2)              # D = 256: mma.sync tiles; larger ones spill
 
 
 def _dq_entry(d, kind, mask, bucket):

@@ -183,14 +183,20 @@ def _kl_bwd_dz_kernel(h_ptr,     # [N, D]
 
 
 # ----------------------------------------------------------------------------- Triton launcher
-# Tile tables keyed like logprob.FWD_CONFIGS; the forward holds two fp32 logit tiles.
+# Tile tables keyed like logprob.FWD_CONFIGS. The forward holds two fp32 logit tiles (policy
+# and reference), so its 16-bit tiles are half those of logprob (larger ones spill on sm_90).
 KL_FWD_CONFIGS = {
+    ("16", "small"): (64, 128, 64, 8, 3),
+    ("16", "large"): (128, 64, 64, 8, 3),
+    ("32", "small"): (32, 64, 32, 4, 2),
+    ("32", "large"): (64, 64, 32, 4, 2),
+}
+KL_BWD_CONFIGS = {
     ("16", "small"): (64, 128, 64, 4, 3),
     ("16", "large"): (128, 128, 64, 8, 3),
     ("32", "small"): (32, 64, 32, 4, 2),
     ("32", "large"): (64, 64, 32, 4, 2),
 }
-KL_BWD_CONFIGS = dict(KL_FWD_CONFIGS)
 
 
 def _combine_kl(part):

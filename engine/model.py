@@ -44,13 +44,38 @@ class SaveLoad:
 
 
 class KVCache:
-    """Static cache: k, v [n_layer, B, H, max_len, D] allocated once; `length` tokens are filled."""
+    """Static cache: k, v [n_layer, B, H, max_len, D] allocated once; `length` tokens are filled.
+
+    Prefill appends a block of tokens (`append`, host-side `length`). Decoding then runs in
+    fixed-shape mode (`start_decode`): the slot of the next token is a device tensor `pos`,
+    each step writes one column with index_copy_ and attends over the whole max_len with a
+    visibility mask, so every step has the same shapes and no host sync: a CUDA graph can
+    capture it.
+    """
 
     def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype):
         shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.d_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.pos = None  # [] long on the device once decoding
+
+    def start_decode(self) -> None:
+        self.pos = torch.tensor(self.length, dtype=torch.long, device=self.k.device)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Decode: write k, v [B,H,1,D] at slot `pos`; return the whole (max_len) k, v."""
+        self.k[layer].index_copy_(2, self.pos.view(1), k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.pos.view(1), v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+    def visible(self, kv_start: torch.Tensor, window: int | None) -> torch.Tensor:
+        """Decode: [B,1,1,max_len] bool, key j visible to the token at `pos` (causal, band, pads)."""
+        j = torch.arange(self.k.shape[3], device=self.k.device)
+        m = (j[None, :] >= kv_start[:, None]) & (j[None, :] <= self.pos)
+        if window is not None:
+            m = m & (j[None, :] > self.pos - window)
+        return m[:, None, None, :]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [B,H,T,D] at positions [length, length+T); return views of the filled part."""
@@ -74,7 +99,12 @@ class Attention(nn.Module):
     def forward(self, x, kv_start=None, cache: KVCache | None = None, segment_ids=None):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
-        if cache is not None:  # (B, H, T, D) -> attend over everything cached so far
+        if cache is not None and cache.pos is not None:  # fixed-shape decode step (T == 1)
+            k, v = cache.write(self.layer, k, v)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype),
+                                               attn_mask=cache.visible(kv_start, self.window))
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if cache is not None:  # prefill: (B, H, T, D) -> attend over everything cached so far
             k, v = cache.append(self.layer, k, v)
         y = kernels.attention(q, k, v, causal=True, window=self.window, kv_start=kv_start,
                               segment_ids=segment_ids)
@@ -145,6 +175,12 @@ class GPT(SaveLoad, nn.Module):
         """idx [B,T] long -> [B,T,d] after the final LayerNorm. segment_ids [B,T] (packed rows,
         no cache): attention stays inside each segment and positions restart at 0 in each."""
         B, T = idx.shape
+        if cache is not None and cache.pos is not None:  # fixed-shape decode step: no host ints
+            pos = (cache.pos - kv_start).clamp_min(0).view(B, 1)
+            x = self.drop(self.wte(idx) + self.wpe(pos))
+            for block in self.h:
+                x = block(x, kv_start, cache)
+            return self.ln_f(x)
         t0 = cache.length if cache is not None else 0
         if t0 + T > self.cfg.block_size:
             raise ValueError(f"sequence of {t0 + T} tokens exceeds block_size {self.cfg.block_size}")
@@ -193,7 +229,8 @@ class GPT(SaveLoad, nn.Module):
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  eos_id: int | None = None, *, kv_start=None, pad_id: int = 0,
                  generator: torch.Generator | None = None, seed: int | None = None,
-                 return_logprobs: bool = False):
+                 return_logprobs: bool = False, compile_decode: bool = False,
+                 eos_check_every: int = 8):
         """Sample continuations with a static KV cache.
 
         idx: [B,T] long (left-padded, with kv_start [B] = pad count per row) or a list of token
@@ -202,20 +239,27 @@ class GPT(SaveLoad, nn.Module):
         return_logprobs also the logprobs [B, new] of the sampled tokens under the
         temperature-scaled distribution that was actually sampled (top-p is a sampling filter
         and does not change them), and kv_start.
+
+        Decoding runs fixed-shape steps (see KVCache), compiled into a CUDA graph with
+        compile_decode=True on CUDA; all rows finished is checked every eos_check_every tokens,
+        and the output is trimmed to the step where it happened, as if checked every token.
         """
         idx, kv_start = _left_pad(idx, kv_start, pad_id, self.wte.weight.device)
         if seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
         B, T = idx.shape
         w = self.wte.weight
+        if T + max_new_tokens > self.cfg.block_size:
+            raise ValueError(f"sequence of {T + max_new_tokens} tokens exceeds block_size {self.cfg.block_size}")
         # the cache holds k, v in the compute dtype (bf16 under autocast: half the memory)
         cdt = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
         cache = KVCache(self.cfg, B, T + max_new_tokens, w.device, cdt)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out, lps = [idx], []
-        h = self.hidden_states(idx, kv_start=kv_start, cache=cache)[:, -1]
-        for _ in range(max_new_tokens):
-            logits = F.linear(h, w).float()
+        logits = F.linear(self.hidden_states(idx, kv_start=kv_start, cache=cache)[:, -1], w).float()
+        cache.start_decode()
+        step = self._decode_fn(compile_decode)
+        for t in range(max_new_tokens):
             tok, lp = _sample(logits, temperature, top_p, generator)
             if eos_id is not None:
                 tok = torch.where(done, torch.full_like(tok, eos_id), tok)
@@ -223,14 +267,34 @@ class GPT(SaveLoad, nn.Module):
                 done |= tok == eos_id
             out.append(tok[:, None])
             lps.append(lp[:, None])
-            if eos_id is not None and bool(done.all()):
+            # EOS checked on the host every eos_check_every tokens, not every token (a sync)
+            if eos_id is not None and (t + 1) % eos_check_every == 0 and bool(done.all()):
                 break
-            h = self.hidden_states(tok[:, None], kv_start=kv_start, cache=cache)[:, -1]
-        ids = torch.cat(out, 1)
+            if t + 1 < max_new_tokens:
+                logits = step(tok[:, None], kv_start, cache)
+                cache.pos += 1
+        ids, lp = torch.cat(out, 1), (torch.cat(lps, 1) if lps else idx.new_zeros(B, 0, dtype=torch.float32))
+        if eos_id is not None and lps:  # drop the columns after the step where every row was done
+            first = torch.where(ids[:, T:] == eos_id, torch.arange(ids.shape[1] - T, device=ids.device), ids.shape[1])
+            n = int(first.min(1).values.max()) + 1 if bool(done.all()) else ids.shape[1] - T
+            ids, lp = ids[:, :T + n], lp[:, :n]
         if return_logprobs:
-            lp = torch.cat(lps, 1) if lps else ids.new_zeros(B, 0, dtype=torch.float32)
             return ids, lp, kv_start
         return ids
+
+    def _decode(self, tok, kv_start, cache) -> torch.Tensor:
+        """One fixed-shape decode step: tok [B,1] at slot cache.pos -> next-token logits [B,V] fp32."""
+        return F.linear(self.hidden_states(tok, kv_start=kv_start, cache=cache)[:, -1], self.lm_head_weight).float()
+
+    def _decode_fn(self, compile_decode: bool):
+        """The decode step, compiled with CUDA graphs (mode="reduce-overhead") when asked on CUDA.
+        Caution: not yet measured on a GPU; Inductor runs the step compiled but without a graph
+        when it declines to capture (it reports why), which is still correct."""
+        if not (compile_decode and self.wte.weight.is_cuda):
+            return self._decode
+        if getattr(self, "_compiled_decode", None) is None:
+            self._compiled_decode = torch.compile(self._decode, mode="reduce-overhead", dynamic=False)
+        return self._compiled_decode
 
 
 

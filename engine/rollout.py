@@ -46,8 +46,9 @@ class Rollout:
 @torch.no_grad()
 def generate_responses(model, tok, prompts, *, max_new_tokens: int, temperature: float = 1.0,
                        top_p: float = 1.0, seed: int = 0, batch_size: int = 256,
-                       max_prompt_len: int | None = None) -> Rollout:
-    """Sample one response per prompt (str or token list) with the KV cache, in chunks."""
+                       max_prompt_len: int | None = None, compile_decode: bool = False) -> Rollout:
+    """Sample one response per prompt (str or token list) with the KV cache, in chunks.
+    compile_decode: capture the fixed-shape decode step as a CUDA graph (CUDA only)."""
     was = model.training
     model.eval()
     ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -63,7 +64,8 @@ def generate_responses(model, tok, prompts, *, max_new_tokens: int, temperature:
         x = torch.tensor(padded, dtype=torch.long, device=model.wte.weight.device)
         ks = torch.tensor([P - len(r) for r in chunk], dtype=torch.long, device=x.device)
         out, lp, _ = model.generate(x, max_new_tokens, temperature, top_p, tok.eos_id, kv_start=ks,
-                                    pad_id=tok.pad_id, generator=g, return_logprobs=True)
+                                    pad_id=tok.pad_id, generator=g, return_logprobs=True,
+                                    compile_decode=compile_decode)
         R = out.shape[1] - P
         pad = max_new_tokens - R  # chunks that stopped early: pad with EOS so shapes agree
         if pad:

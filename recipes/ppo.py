@@ -48,6 +48,8 @@ class RLSection:
     exact_kl: bool = False        # penalise the exact per-token KL (kernels.linear_kl), not k1/k2/k3
     ema: bool = True              # export the EMA of the policy weights (paper: decay 0.992), bias-
                                   # corrected (ppo.ema_bias_correction) so short runs export trained weights
+    compile_decode: bool = True   # CUDA: the fixed-shape decode step as a CUDA graph (torch.compile
+                                  # mode="reduce-overhead"); ignored on CPU
     gen_group: int = 0            # episodes per sampling call, each call seeded by (seed, iteration,
                                   # global group index); 0 = all of a rank's episodes. With a fixed
                                   # gen_group that divides batch_size / ranks, rollouts, minibatches
@@ -139,7 +141,7 @@ def sample_episodes(policy, tok, prompts, cfg, it: int, B: int, G: int) -> Rollo
             seed = (cfg.train.seed * 1_000_003 + it) * 7919 + (r0 + k) // G
             rolls.append(generate_responses(policy, tok, [prompts[i] for i in chosen[k:k + G]],
                                             max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                                            seed=seed))
+                                            seed=seed, compile_decode=cfg.rl.compile_decode))
     return cat_rollouts(rolls, tok.eos_id)
 
 

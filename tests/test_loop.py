@@ -56,3 +56,44 @@ def test_one_host_transfer_per_step(monkeypatch):
     info = trainer.update([x] * 4, loss_fn)
     assert set(info) >= {"loss", "nll", "grad_norm", "tokens"} and info["tokens"] == 28.0
     assert len(calls) == 1, calls
+
+
+def _reference_generate(model, idx, kv_start, n, temperature, eos_id, seed):
+    """No cache: every step re-runs the full forward over the whole sequence (the oracle)."""
+    from engine.model import _sample
+    g = torch.Generator().manual_seed(seed)
+    seq, lps = idx, []
+    done = torch.zeros(idx.shape[0], dtype=torch.bool)
+    for _ in range(n):
+        logits = model(seq, kv_start=kv_start)[:, -1].float()
+        tok, lp = _sample(logits, temperature, 1.0, g)
+        tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+        lp = torch.where(done, torch.zeros_like(lp), lp)
+        done |= tok == eos_id
+        seq, lps = torch.cat([seq, tok[:, None]], 1), lps + [lp[:, None]]
+        if bool(done.all()):
+            break
+    return seq, torch.cat(lps, 1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+@pytest.mark.parametrize("vocab,eos_id", [(64, 63), (6, 3)])  # vocab 6: every row ends early
+def test_fixed_shape_decode_matches_full_forward(temperature, vocab, eos_id):
+    """Same tokens and logprobs as a cache-free full forward per step (greedy and seeded
+    sampling), with left padding, banded layers (window 8 < the 30 generated tokens) and EOS
+    (checked every 8 steps, trimmed as if checked every step)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("tiny", vocab_size=vocab, block_size=64, window=8)
+    model = GPT(cfg).eval()
+    rows = [[x % vocab for x in r] for r in ([5, 9, 11, 2, 7], [4, 8], [1, 2, 4, 4, 5, 6, 7, 8, 9])]
+    from engine.model import _left_pad
+    idx, ks = _left_pad(rows, None, 0, "cpu")
+    want, want_lp = _reference_generate(model, idx, ks, 30, temperature, eos_id, seed=5)
+    got, got_lp, _ = model.generate(idx, 30, temperature, 1.0, eos_id, kv_start=ks, seed=5, return_logprobs=True)
+    assert torch.equal(got, want), (got, want)
+    if vocab == 6 and temperature > 0:
+        assert got.shape[1] < idx.shape[1] + 30  # stopped early: the trimming was exercised
+    torch.testing.assert_close(got_lp, want_lp, rtol=1e-5, atol=1e-5)

@@ -1,67 +1,102 @@
 #!/usr/bin/env bash
-# One prepared GPU run: install, GPU kernel tests, every benchmark at full GPU sizes, results to $OUT.
+# The prepared GPU runs, two commands of at most 4 minutes each on one H200:
 #
-#   bash bench/gpu_suite.sh            # from the repository root, on a CUDA machine
+#   bash bench/gpu_suite.sh check [--dry-run]   # environment, matmul / copy ceilings, every Triton
+#                                               # and CUDA test (interpreter off), one timing per
+#                                               # kernel vs its baseline (bench/gpu_check.py)
+#   bash bench/gpu_suite.sh bench [--dry-run]   # every benchmark at GPU sizes
 #
-# Assumes torch + triton are preinstalled (no network). Total wall time is kept near 8 minutes by
-# a timeout per step (override with the *_S variables below); each benchmark appends its CSV rows
-# case by case, so a step that runs out of time still leaves the rows it finished.
-# Results: bench/results/<name>.csv (+ <name>_cuda.png), README.md (regenerated) and gpu_suite.log; copied
-# to "$OUT" when that variable is set.
+# --dry-run prints the steps, their commands and time caps (and their sum) and runs nothing.
+# Assumes torch + triton are installed (no network, no pip): the repository is put on PYTHONPATH.
+# Each step runs under `timeout` with its cap, cut further to what is left of BUDGET_S (240 s), so a
+# command never runs past 4 minutes in all; benchmarks append their CSV rows case by case, so a
+# step that runs out of time still leaves the rows it finished. No step compiles a torch.compile
+# provider cold (those cost minutes on a fresh machine): the sweeps run with explicit --providers.
+# Output: with $OUT set, everything goes to $OUT (at most 8 files: gpu_suite_<cmd>.log and the
+# CSVs, plus gpu_tests.xml for check and README.md for bench); without, to bench/results/.
+# Overrides: PYTHON (default python3), BUDGET_S, GPU_CHUNK_BYTES (chunked providers' buffer).
 set -u
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-RES=bench/results
-LOG=$RES/gpu_suite.log
+
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+MODE="" DRY=0
+for a in "$@"; do
+  case "$a" in
+    check|bench) MODE=$a ;;
+    --dry-run|-n) DRY=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "gpu_suite.sh: unknown argument '$a'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+if [ -z "$MODE" ]; then usage >&2; exit 2; fi
+
+PY=${PYTHON:-python3}
+RES=${OUT:-bench/results}
+LOG=$RES/gpu_suite_$MODE.log
+BUDGET_S=${BUDGET_S:-240}
+# The chunked PyTorch providers keep one fp32 [rows, V] buffer of kernels.logprob.CHUNK_BYTES; its
+# 16 MiB default is sized for CPU caches (83 rows at V = 50257: hundreds of tiny GEMMs on a GPU);
+# `bench.gpu_check bench` sets it from GPU_CHUNK_BYTES before the benchmark runs.
+GPU_CHUNK_BYTES=${GPU_CHUNK_BYTES:-1073741824}
+export TRITON_INTERPRET=0                     # real compilation: tests/conftest.py keeps an explicit 0
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONDONTWRITEBYTECODE=1 GPU_CHUNK_BYTES
+
+STEPS=()   # "cap|label|command" (the command is eval'ed: quoted arguments stay whole)
+add() { STEPS+=("$1|$2|$3"); }
+q() { printf '%q' "$1"; }
+
+# the tests of the Triton kernels and the CUDA op (they run on the GPU when there is one)
+TESTS="tests/test_attention.py tests/test_logprob.py tests/test_kl.py tests/test_gae.py tests/test_kernels_model.py"
+PYTEST="$PY -m pytest -q -p no:cacheprovider --durations=8"
+if [ "$MODE" = check ]; then
+  add 10 env "$PY -m bench.gpu_check env"
+  add 20 ceilings "$PY -m bench ceilings --device cuda --results-dir $(q "$RES")"
+  # the real-size tests first (they build the CUDA op that kernel-timings uses), then the others
+  add 60 gpu-tests "$PYTEST -m gpu --junitxml=$(q "$RES/gpu_tests.xml") $TESTS tests/test_cpp_ops.py"
+  add 75 kernel-tests "$PYTEST -m 'not gpu' $TESTS"
+  add 65 kernel-timings "$PY -m bench.gpu_check kernels --results-dir $(q "$RES")"
+else
+  add 10 env "$PY -m bench.gpu_check env"
+  add 20 gae "$PY -m bench gae --device cuda --results-dir $(q "$RES")"
+  add 55 attention "$PY -m bench attention --device cuda --results-dir $(q "$RES") --providers ours,flex,sdpa_flash,sdpa_cudnn,sdpa_efficient,flash_attn,eager"
+  add 40 logprob "$PY -m bench.gpu_check bench logprob --device cuda --results-dir $(q "$RES") --providers ours,chunked,eager,liger"
+  add 30 kl "$PY -m bench.gpu_check bench kl --device cuda --results-dir $(q "$RES") --providers ours,chunked,eager"
+  add 55 steps "$PY -m bench steps --device cuda --results-dir $(q "$RES")"
+  add 10 report "$PY -m bench.report --results-dir $(q "$RES")"
+fi
+
+TOTAL=0
+for s in "${STEPS[@]}"; do TOTAL=$(( TOTAL + ${s%%|*} )); done
+
+if [ "$DRY" = 1 ]; then
+  echo "gpu_suite.sh $MODE --dry-run: ${#STEPS[@]} steps, caps sum to ${TOTAL} s (budget ${BUDGET_S} s); results -> $RES"
+  for s in "${STEPS[@]}"; do
+    cap=${s%%|*}; rest=${s#*|}; label=${rest%%|*}; cmd=${rest#*|}
+    printf '  [%3d s] %s: %s\n' "$cap" "$label" "$cmd"
+  done
+  echo "total cap: ${TOTAL} s"
+  echo "environment: TRITON_INTERPRET=$TRITON_INTERPRET GPU_CHUNK_BYTES=$GPU_CHUNK_BYTES PYTHONPATH=$PYTHONPATH"
+  [ "$MODE" = bench ] && echo "not in bench: ceilings (in check), ppo_vs_trl (a CPU comparison)"
+  if [ "$TOTAL" -gt "$BUDGET_S" ]; then echo "caps exceed the budget" >&2; exit 1; fi
+  exit 0
+fi
+
 mkdir -p "$RES"
 : > "$LOG"
-BUDGET_S=${BUDGET_S:-540}   # the whole suite; each step gets min(its timeout, what is left)
-TESTS_S=${TESTS_S:-90}
-ATTN_S=${ATTN_S:-110}
-LOGPROB_S=${LOGPROB_S:-75}
-KL_S=${KL_S:-50}
-GAE_S=${GAE_S:-35}
-STEPS_S=${STEPS_S:-80}
 T0=$(date +%s)
-
-log() { echo "[gpu_suite +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
-
-copy_out() {
-  if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT"
-    cp -f "$RES"/*.csv "$OUT"/ 2>/dev/null
-    cp -f "$RES"/*.png "$OUT"/ 2>/dev/null
-    cp -f "$LOG" "$RES"/README.md "$OUT"/ 2>/dev/null
-  fi
-  return 0
-}
-trap copy_out EXIT
-
-step() {  # step <timeout_s> <label> <command...>
-  local t=$1 label=$2; shift 2
-  local left=$(( BUDGET_S - ($(date +%s) - T0) - 5 ))
-  if [ "$left" -lt "$t" ]; then t=$left; fi
-  if [ "$t" -le 5 ]; then log "skip $label: suite budget of ${BUDGET_S}s spent"; return 0; fi
-  log "start $label (timeout ${t}s): $*"
-  timeout -k 10 "$t" "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
-  log "end $label rc=$rc"
-  copy_out
-  return 0
-}
-
-log "host $(hostname) python $($PY -c 'import sys; print(sys.version.split()[0])')"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
-$PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "device", torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
-
-step 60 install $PY -m pip install --no-deps --no-build-isolation -e .
-# Build the C++ / CUDA ops once up front (cached), so no benchmark pays the compile inside its budget.
-step 150 build-ops $PY -c 'import torch; from kernels import _cpp; print(_cpp.build_info()); r = torch.zeros(2, 4, device="cuda"); print(_cpp.gae_cuda(r, r, r + 1, gamma=1.0, lam=0.95)[0].shape)'
-step "$TESTS_S" gpu-tests $PY -m pytest -m gpu -x -q
-step "$GAE_S" bench-gae $PY -m bench gae --device cuda --plot
-step "$ATTN_S" bench-attention $PY -m bench attention --device cuda --plot
-step "$LOGPROB_S" bench-logprob $PY -m bench logprob --device cuda --plot
-step "$KL_S" bench-kl $PY -m bench kl --device cuda --plot
-step "$STEPS_S" bench-steps $PY -m bench steps --device cuda
-BUDGET_S=$(( BUDGET_S + 30 )) step 20 report $PY -m bench.report
-log "done"
+log() { echo "[gpu_suite $MODE +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+FAILED=0
+for s in "${STEPS[@]}"; do
+  cap=${s%%|*}; rest=${s#*|}; label=${rest%%|*}; cmd=${rest#*|}
+  left=$(( BUDGET_S - ($(date +%s) - T0) - 3 ))
+  t=$cap; if [ "$left" -lt "$t" ]; then t=$left; fi
+  if [ "$t" -le 3 ]; then log "skip $label: budget of ${BUDGET_S} s spent"; FAILED=1; continue; fi
+  log "start $label (cap ${t} s)"
+  eval "timeout -k 2 $t $cmd" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -ne 0 ] && FAILED=1
+  log "end $label rc=$rc$( [ "$rc" -eq 124 ] && echo ' (cap reached)')"
+done
+log "done in $(( $(date +%s) - T0 )) s; results in $RES"
+exit $FAILED

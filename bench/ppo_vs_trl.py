@@ -34,8 +34,9 @@ around each side's own functions, without changing them:
   other     previous iteration's end -> generation (data loading, gc, logging)
 Reported per side: median iteration time over all timed iterations of all rounds, episodes/s =
 batch / median, p20/p80, the median of each phase; the ratio is ours / TRL in episodes/s
-(speedup_vs_baseline, baseline trl). Without TRL importable, the benchmark prints how to install
-it and writes no row.
+(speedup_vs_baseline, baseline trl), and per round (the two adjacent runs' medians: the figure
+least exposed to load that drifts between rounds) in paired_ratios / paired_ratio_median.
+Without TRL importable, the benchmark prints how to install it and writes no row.
 """
 from __future__ import annotations
 
@@ -339,7 +340,7 @@ def run(run):
           f"{sh['rounds']} rounds x ({sh['warmup']} warm-up + {sh['iters']} timed) iterations per side",
           flush=True)
     results = {"engine": [], "trl": []}
-    meta, errors = {}, {}
+    meta, errors, per_round = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(sh["rounds"]):
             for side, interp in (("engine", sys.executable), ("trl", py)):  # A B A B ...
@@ -353,6 +354,7 @@ def run(run):
                     continue
                 meta[side] = res
                 results[side] += res["iters"]
+                per_round.setdefault(r, {})[side] = _median([i["total"] for i in res["iters"]])
                 tot = [i["total"] for i in res["iters"]]
                 print(f"  round {r + 1} {side:<6} iterations " + " ".join(f"{t:.2f}s" for t in tot)
                       + f" (process {res['wall_s']:.0f}s)", flush=True)
@@ -380,6 +382,12 @@ def run(run):
                "iter_s": "/".join(f"{t:.3f}" for t in totals)}
         if side == "engine":
             row["resp_len_mean"] = sum(i["resp_len"] for i in its) / len(its)
+            # the two runs of a round are adjacent in time: their ratio is the least exposed to a
+            # machine whose load drifts between rounds
+            paired = [v["trl"] / v["engine"] for v in per_round.values() if len(v) == 2]
+            if paired:
+                row["paired_ratio_median"] = _median(paired)
+                row["paired_ratios"] = "/".join(f"{x:.3f}" for x in paired)
         rows.append(row)
     run.rows += rows  # printed below: the generic one-line row print would be unreadably wide
     run.finish_case(rows, "trl")
@@ -393,7 +401,9 @@ def run(run):
               f"split {split}  [{r['impl']}]")
     ours = next((r for r in rows if r["provider"] == "engine"), {})
     if ours.get("speedup_vs_baseline"):
-        print(f"  ratio ours / TRL: {ours['speedup_vs_baseline']:.2f}x")
+        print(f"  ratio ours / TRL: {ours['speedup_vs_baseline']:.2f}x (episodes/s, medians over all "
+              f"timed iterations); per round " + ", ".join(f"{x}x" for x in ours.get("paired_ratios", "").split("/"))
+              + f", median {ours.get('paired_ratio_median', float('nan')):.2f}x")
 
 
 def main(argv=None) -> int:

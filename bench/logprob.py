@@ -7,6 +7,8 @@ Providers (same hidden [N, d], weight [V, d], targets [N]):
   compile   torch.compile(eager, dynamic=True) (GPU by default; on CPU only with --providers)
   liger     Liger-Kernel LigerFusedLinearCrossEntropyLoss(reduction="sum") when installed
             (a loss, not per-token logprobs: same GEMMs and gradients, different output)
+  lm_head_gemm  the bare lm_head GEMM hidden @ weight.T (and its dH, dW GEMMs with a given
+            [N, V] gradient) on GPU: the speed of light; target fwd+bwd ours <= 1.3x this
 Shapes: GPU bf16, N = 2k..32k tokens, d = 768..4096, V = 50257 / 128256; CPU fp32, smaller.
 FLOPs (model FLOPs, written here): fwd = 2*N*d*V; fwd+bwd = 6*N*d*V (dH and dW GEMMs; the
 fused kernels also recompute the logits, which is not counted). Baseline: eager.
@@ -75,6 +77,8 @@ def providers(run):
     p["eager"] = (eager_logprobs, "")
     if run.device == "cuda" or (run.providers and "compile" in run.providers):
         p["compile"] = (_compiled(eager_logprobs), "")
+    if run.device == "cuda":
+        p["lm_head_gemm"] = (lambda h, w, t: h @ w.T, "")
     lg = _liger() if run.device == "cuda" else None
     p["liger"] = (lg, "" if lg else ("liger_kernel not installed" if run.device == "cuda" else "GPU only"))
     return {k: v for k, v in p.items() if run.want(k)}
@@ -110,7 +114,7 @@ def run_sweep(run, provs, shape_list, n_sets, flops_fn, call_builder, check_fn):
                     rows.append(run.skip(case, name, why))
                     continue
                 extra = {}
-                if mode == "fwd" and name != "liger":
+                if mode == "fwd" and name not in ("liger", "lm_head_gemm"):
                     try:
                         with torch.no_grad():
                             out = check_fn(fn, tensors, t)
@@ -140,12 +144,17 @@ def _call(fn, tensors, t, mode):
         return call
     hg, wg = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
     g_out = torch.randn(h.shape[0], device=h.device)
+    g_full = {}
 
     def call():
         hg.grad = wg.grad = None
         out = fn(hg, wg, t)
         if out.dim() == 0:
             out.backward()
+        elif out.dim() == 2:              # lm_head_gemm: logits [N, V], gradient made once
+            if "g" not in g_full:
+                g_full["g"] = torch.randn_like(out)
+            out.backward(g_full["g"])
         else:
             out.backward(g_out)
     return call

@@ -1,5 +1,6 @@
-"""Causal / banded / left-padded scaled dot-product attention: Triton forward and backward,
-an SDPA path for CPU, and a plain PyTorch reference.
+"""Causal / banded / left-padded / document-masked scaled dot-product attention: Triton forward
+and backward (kernels in attention_fwd.py / attention_bwd.py), an SDPA path, and a plain PyTorch
+reference.
 
 Formula. q [B,H,Tq,D], k and v [B,H,Tk,D], Tq <= Tk, s = scale (default 1/sqrt(D)).
 Query row i sits at absolute position p_i = Tk - Tq + i (bottom-right aligned: prefill is
@@ -8,6 +9,11 @@ query i iff
 
     (not causal or j <= p_i)  and  (window is None or j > p_i - window)
                               and  (kv_start is None or j >= kv_start[b])
+                              and  (segment_ids is None or run(b, j) == run(b, p_i))
+
+where run(b, t) is the segment holding position t: a maximal run of equal segment_ids[b, :]
+(so the same id in two separate runs is two segments; `segment_bounds` gives each position's
+[start, end)). Then
 
     S_ij = s * q_i . k_j  on visible pairs, -inf elsewhere
     P    = softmax(S) row-wise,  O = P V
@@ -21,31 +27,44 @@ Public functions (same signature):
     attention_ref     dense masked softmax in fp32 (fp64 for fp64 inputs); the test oracle.
     attention_triton  FlashAttention-2 style kernels: the forward streams key tiles with an
                       online softmax and saves the row logsumexp; the backward recomputes P
-                      tile by tile in two passes (one program per key block writes dK, dV; one
-                      program per query block writes dQ), so no atomics and reruns are
-                      bit-identical.
-    attention_torch   torch SDPA with an explicit boolean mask (is_causal=True when possible);
-                      bf16/fp16 CPU tensors are computed in fp32 and cast back.
+                      tile by tile, one program per key block writing dK, dV and adding dQ
+                      with fp32 atomics (5 GEMMs per tile pair). Under
+                      torch.use_deterministic_algorithms(True), and for decode shapes, dQ has
+                      its own pass instead (7 GEMMs, no atomics, bit-identical reruns).
+    attention_torch   torch SDPA with an explicit boolean mask (block-diagonal for segments;
+                      is_causal=True when possible); bf16/fp16 CPU tensors run in fp32.
+    attention_sdpa    SDPA restricted to its flash / cuDNN backends (dense calls only).
+    choose_backend    on CUDA under ENGINE_KERNELS=auto: dense calls go to the faster of ours
+                      and attention_sdpa for their shape (timed once, logged); kernels.attention
+                      uses it, kernels.attention_backend reports it.
 
 Kernel notes: scores use base 2 (exp2 with s * log2(e) folded into one multiplier) and the
 saved logsumexp is in the same base. Key tiles that the mask hides entirely are not visited:
-the loop bounds come from the causal / window / kv_start limits of the query block; tiles that
-are fully visible run without the per-element mask. D is padded to a power of two (>= 16)
-inside the kernel with masked loads, so D = 80 or 96 works. Any Tq, Tk (boundary masks); q, k,
-v, dO may be strided views (k/v slices of a larger static cache are fine).
+the loop bounds come from the causal / window / kv_start / segment limits of the block (a
+tile wholly in another document is skipped); tiles that are fully visible run without the
+per-element mask. Forward and dQ grids run the longest query blocks first. D is padded to a
+power of two (>= 16) inside the kernel with masked loads, so D = 80 or 96 works. Any Tq, Tk
+(boundary masks); q, k, v, dO may be strided views (k/v slices of a larger static cache).
+Tiles come from FWD_CONFIGS / DKDV_CONFIGS / DQ_CONFIGS keyed by (D_PAD, dtype kind, mask
+kind, Tq bucket); `python -m bench aot` compiles every entry for sm_90 and checks that none
+exceeds shared memory and that no 16-bit training entry spills registers.
 
 Caution:
-  * fp32 inputs use IEEE fp32 dot products (no TF32), so they are slower than bf16/fp16.
-  * Decode shapes (Tq <= 16) run one 16-row query block per head; their backward is correct
-    but not tuned.
+  * fp32 inputs use IEEE fp32 dot products (no TF32, no tensor cores) and their tiles spill
+    registers on sm_90 (reported by bench aot): correct but slow.
+  * Decode shapes (Tq <= 16) run one 16-row query block per head (mma.sync, not wgmma); their
+    backward is correct but not tuned. D = 256 backward uses small mma.sync tiles.
+  * The default (atomic) dQ differs between GPU reruns in the last bits; set
+    torch.use_deterministic_algorithms(True) for bitwise reproducibility.
   * Under TRITON_INTERPRET=1 (CPU) bf16 tiles are multiplied in fp32 and fp32 -> bf16 casts are
     rounded to nearest even by hand, because the interpreter gets both wrong; fp16 and fp32 need
     no emulation.
-  * The GPU block-size / num_warps / num_stages table targets H100/H200; other GPUs may need
-    smaller tiles (shared-memory limits) for D > 128 or fp32 inputs.
+  * The tile tables target H100/H200; other GPUs may need smaller tiles (shared memory).
   * window must be >= 1; a non-causal window limits only the past (j > p_i - window).
   * kv_start values outside [0, Tk] are clamped by the masks naturally (rows simply see fewer
-    keys); they are not validated on the device.
+    keys); they are not validated on the device. segment_ids must be [B, Tk] integers.
+  * The first dense call of each shape on CUDA (auto mode) runs both implementations a few
+    times to time them; no timing happens during CUDA-graph capture or torch.compile tracing.
 """
 import logging
 import math

@@ -424,6 +424,44 @@ def test_dispatch_uses_requested_backend(monkeypatch):
         torch.testing.assert_close(kernels.attention(q, k, v, window=3), ref, rtol=0, atol=1e-5)
 
 
+def test_attention_backend_reports_the_choice(monkeypatch):
+    q, k, v, _ = _inputs(1, 2, 32, 32, 16, torch.float32, seed=9)
+    seg = _random_segments(1, 32, seed=1)
+    want = {"auto": "triton" if q.is_cuda else "torch",   # windowed + segments: never SDPA
+            "triton": "triton", "torch": "torch", "ref": "ref", "cpp": "torch"}
+    for mode, name in want.items():
+        monkeypatch.setenv("ENGINE_KERNELS", mode)
+        got = kernels.attention_backend(q, k, v, causal=True, window=4, segment_ids=seg)
+        assert got == name, (mode, got)
+        out = kernels.attention(q, k, v, causal=True, window=4, segment_ids=seg)
+        torch.testing.assert_close(out, A.attention_ref(q, k, v, window=4, segment_ids=seg),
+                                   rtol=0, atol=1e-5)
+    # only dense 16-bit CUDA calls may go to SDPA's flash / cuDNN kernels
+    assert not A.sdpa_eligible(q.cpu(), k.cpu())
+    if torch.cuda.is_available():
+        h = q.cuda().half()
+        assert A.sdpa_eligible(h, h) and not A.sdpa_eligible(h, h, window=8)
+        assert not A.sdpa_eligible(h, h, segment_ids=seg.cuda())
+        assert not A.sdpa_eligible(h[:, :, :1], h)       # decode stays ours
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_auto_dispatch_picks_one_and_matches(monkeypatch):
+    monkeypatch.setenv("ENGINE_KERNELS", "auto")
+    q, k, v, do = _inputs(2, 4, 1024, 1024, 64, torch.bfloat16, seed=11)
+    name = kernels.attention_backend(q, k, v, causal=True)
+    assert name in ("triton", "sdpa")
+    got = _fwd_bwd(kernels.attention, q, k, v, do, causal=True)
+    ref = _fwd_bwd(A.attention_ref, *(t.float() for t in (q, k, v, do)), causal=True)
+    lowp = _fwd_bwd(_naive_lowp, q, k, v, do, causal=True)
+    for n, g, lo, r in zip(("out", "dq", "dk", "dv"), got, lowp, ref):
+        err, bound = _errors(g, lo, r, torch.bfloat16)
+        assert err <= bound, f"{name} {n}: {err:.3g} > {bound:.3g}"
+    monkeypatch.setenv("ENGINE_KERNELS", "triton")
+    assert kernels.attention_backend(q, k, v, causal=True) == "triton"
+
+
 # ----------------------------------------------------------------------------- GPU, real sizes
 
 def _chunked(fn, q, k, v, chunk=1024, **kw):

@@ -59,7 +59,7 @@ if [ "$MODE" = check ]; then
 else
   add 10 env "$PY -m bench.gpu_check env"
   add 20 gae "$PY -m bench gae --device cuda --results-dir $(q "$RES")"
-  add 55 attention "$PY -m bench attention --device cuda --results-dir $(q "$RES") --providers ours,flex,sdpa_flash,sdpa_cudnn,sdpa_efficient,flash_attn,eager"
+  add 55 attention "$PY -m bench attention --device cuda --results-dir $(q "$RES") --providers ours,ours_auto,flex,sdpa_flash,sdpa_cudnn,sdpa_efficient,flash_attn,eager"
   add 40 logprob "$PY -m bench.gpu_check bench logprob --device cuda --results-dir $(q "$RES") --providers ours,chunked,eager,liger"
   add 30 kl "$PY -m bench.gpu_check bench kl --device cuda --results-dir $(q "$RES") --providers ours,chunked,eager"
   add 55 steps "$PY -m bench steps --device cuda --results-dir $(q "$RES")"

@@ -55,12 +55,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 def make_optimizer(model, cfg: TrainConfig, lr: float | None = None):
-    """AdamW over `param_groups`; the fused (single-kernel) implementation on CUDA, where torch
-    has it for every parameter dtype we use, else the default foreach one."""
-    p0 = next(model.parameters(), None)
-    fused = p0 is not None and p0.device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr if lr is None else lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
+    """AdamW over `param_groups`, fused (one kernel per step instead of ~10 foreach launches):
+    on CUDA, and on CPU too, where it measured 1.5-2x faster than foreach for the tiny preset
+    (2-core AMD EPYC, under load); the foreach implementation where fused is unsupported."""
+    groups = param_groups(model, cfg.weight_decay)
+    kw = dict(lr=cfg.lr if lr is None else lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, ValueError):  # a device / dtype without the fused kernel
+        return torch.optim.AdamW(groups, **kw)
 
 
 class NonFiniteError(RuntimeError):
@@ -133,7 +136,7 @@ class Trainer:
             dist.print0(f"[{self.desc}] resumed from {self.ckpt_dir} at step {self.step}")
         self.metrics = MetricsWriter(os.path.join(self.out_dir, "metrics.jsonl"),
                                      truncate_after=self.step if state is not None else None,
-                                     enabled=dist.is_main())
+                                     enabled=dist.is_main(), tensorboard=self.cfg.tensorboard)
         return state is not None
 
     def save(self) -> None:

@@ -284,6 +284,7 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
             t_gen = time.perf_counter() - t0
             epochs = [minibatch_order(cfg, it, e, B, G, mbs) for e in range(p.ppo_epochs)]
             exp = make_experience(policy, ref, rm, value_model, roll, cfg, kl_ctl.value, epochs[0], moments)
+            t_exp = time.perf_counter() - t0 - t_gen  # includes the wait for the device (it syncs)
             lr = cfg.train.lr * lr_factor(it, p)
             stats: dict = {}
             shares = token_shares(roll, epochs)
@@ -313,6 +314,7 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
             first_ratio = stats.pop("first_ratio")
             row = {"step": trainer.step, "loss": _mean(stats.pop("loss")), "lr": lr,
                    "tokens_per_s": n_tok / max(dt, 1e-9), "step_time_s": dt, "gen_time_s": t_gen,
+                   "exp_time_s": t_exp, "train_time_s": dt - t_gen - t_exp,
                    "reward": float(dist.all_reduce_mean(exp["scores"].mean())), "kl": kl_mean,
                    "kl_coef": kl_ctl.value, "response_len": resp_len,
                    "no_eos": no_eos, "first_ratio": first_ratio,
@@ -328,7 +330,7 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
             if dist.is_main() and cfg.train.progress:
                 print(f"[ppo] it {trainer.step}/{cfg.train.max_steps} reward {row['reward']:.3f} "
                       f"kl {kl_mean:.3f} len {row['response_len']:.1f} first_ratio {first_ratio:.6f} "
-                      f"({dt:.1f}s, gen {t_gen:.1f}s)", flush=True)
+                      f"({dt:.1f}s: gen {t_gen:.1f}s, experience {t_exp:.1f}s)", flush=True)
             if trainer.should_stop():
                 trainer.save()
                 raise SystemExit(0)

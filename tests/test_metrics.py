@@ -97,3 +97,16 @@ def test_tensorboard_missing_is_a_one_line_error(tmp_path, monkeypatch):
         MetricsWriter(str(tmp_path / "metrics.jsonl"), tensorboard=True)
     msg = str(e.value)
     assert "\n" not in msg and "pip install tensorboard" in msg and "train.tensorboard" in msg
+
+
+def test_recipe_writes_tensorboard_when_asked(tmp_path):
+    """The flag reaches the writer through the Trainer: a 2-step pretraining run leaves events
+    whose loss scalars are the metrics.jsonl losses."""
+    pytest.importorskip("tensorboard")
+    from tests.test_dist import losses, run
+    run("pretrain", tmp_path / "pt", ["--train.max_steps=2", "--train.batch_size=2", "--train.tensorboard=true"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "pt" / "tb"))
+    acc.Reload()
+    got = [e.value for e in acc.Scalars("loss")]
+    assert got == pytest.approx(losses(tmp_path / "pt"), rel=1e-6)

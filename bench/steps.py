@@ -28,6 +28,7 @@ import torch
 
 import engine
 from engine.config import GPTConfig, TrainConfig
+from engine.model import build
 from engine.losses import ppo_policy_loss, ranking_loss, sft_loss, value_loss
 from engine.ppo import compute_advantages, shaped_rewards
 from engine.rollout import generate_responses, policy_logprobs, score_responses, values
@@ -138,7 +139,7 @@ def _timed(run, step, n):
 def bench_sft(run, cfg, preset, shape, dev, tmp):
     B, T = shape["B"], shape["T"]
     torch.manual_seed(0)
-    model = engine.GPT(cfg).to(dev).train()
+    model = build(engine.GPT, cfg, dev).train()
     tr = _trainer(model, tmp)
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), device=dev)
     idx, tgt = x[:, :-1], x[:, 1:]
@@ -158,7 +159,7 @@ def bench_sft(run, cfg, preset, shape, dev, tmp):
 def bench_rm(run, cfg, preset, shape, dev, tmp):
     B, K, T = shape["B"], shape["K"], shape["T"]
     torch.manual_seed(0)
-    rm = engine.RewardModel(cfg).to(dev).train()
+    rm = build(engine.RewardModel, cfg, dev).train()
     tr = _trainer(rm, tmp)
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, cfg.vocab_size, (B * K, T), generator=g).to(dev)
@@ -180,10 +181,10 @@ def bench_rm(run, cfg, preset, shape, dev, tmp):
 def bench_ppo(run, cfg, preset, shape, dev, tmp):
     B, P, R, mb = shape["B"], shape["P"], shape["R"], shape["mb"]
     torch.manual_seed(0)
-    policy = engine.GPT(cfg).to(dev).train()
+    policy = build(engine.GPT, cfg, dev).train()
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    rm = engine.RewardModel(cfg).to(dev).eval().requires_grad_(False)
-    value_model = engine.RewardModel(cfg).to(dev).train()
+    rm = build(engine.RewardModel, cfg, dev).eval().requires_grad_(False)
+    value_model = build(engine.RewardModel, cfg, dev).train()
     tr = _trainer(policy, tmp)
     opt_v = make_optimizer(value_model, tr.cfg)
     tok = types.SimpleNamespace(pad_id=0, eos_id=cfg.vocab_size - 1, decode=lambda ids: "",

@@ -10,7 +10,7 @@ marked divisible, exactly as the JIT does. Resource use is read from the cubin w
 
 One row per kernel and config: shared memory (Triton's dynamic allocation + static), registers
 per thread, local-memory stack (spills), the MMA kind in the PTX (wgmma / mma / fma) and the
-compile time. Exit status 1 when a config needs more than 227 KB of shared memory (the sm_90
+compile time (near 0 when Triton's cache in ~/.triton already holds that cubin). Exit status 1 when a config needs more than 227 KB of shared memory (the sm_90
 per-block limit), when a bf16 / fp16 training config (attention with Tq > 16, fused logprob /
 KL) has a local-memory stack, or when a config fails to compile.
 

@@ -87,14 +87,20 @@ def attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None, s
     in the same segment as p_i (segment_ids [B,Tk] int: packed rows; a segment is a maximal run
     of equal ids). Rows that see no key return 0. ENGINE_KERNELS=triton forces the Triton kernels.
     """
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32:
+        # follow autocast like the fused LM head: 16-bit tiles (tensor cores on CUDA)
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     b = attention_backend(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start,
                           segment_ids=segment_ids)
     kw = dict(causal=causal, window=window, scale=scale, kv_start=kv_start, segment_ids=segment_ids)
     if b == "ref":
-        return attention_ref(q, k, v, **kw)
-    mod = _mod("attention")
-    fn = {"triton": mod.attention_triton, "sdpa": mod.attention_sdpa}.get(b, mod.attention_torch)
-    return fn(q, k, v, **kw)
+        fn = attention_ref
+    else:
+        mod = _mod("attention")
+        fn = {"triton": mod.attention_triton, "sdpa": mod.attention_sdpa}.get(b, mod.attention_torch)
+    with _no_autocast(q):  # the impls choose their own internal precision
+        return fn(q, k, v, **kw)
 
 
 def segment_positions(segment_ids):

@@ -136,3 +136,12 @@ def test_fsdp_bf16_two_ranks_match_one_process(bf16_runs):
         assert ra["response_len"] == rb["response_len"]
         for key in ("reward", "value_loss"):
             assert math.isclose(ra[key], rb[key], rel_tol=2e-2, abs_tol=1e-2), (key, ra[key], rb[key])
+
+
+def test_attention_follows_autocast():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 7, 16, generator=g) for _ in range(3))
+    with BF16():
+        y = kernels.attention(q, k, v)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16()))

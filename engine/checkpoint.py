@@ -293,8 +293,7 @@ def load_training(ckpt_dir: str, models: dict, map_location="cpu",
         # weights_only: tensors and plain containers only; a crafted state.pt cannot run code
         state = torch.load(os.path.join(d, "state.pt"), map_location=map_location, weights_only=True)
     except Exception as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{d}/state.pt: cannot load safely ({type(e).__name__}: {why[:300]}); "
+        raise CheckpointError(f"{d}/state.pt: cannot load safely ({type(e).__name__}: {_first_line(e)}); "
                               f"only tensors and plain containers are accepted") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{d}/state.pt: not a training state (got {type(state).__name__})")

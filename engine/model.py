@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import kernels
 
 from .config import GPTConfig
+from .precision import active_dtype
 
 
 class SaveLoad:
@@ -252,8 +253,7 @@ class GPT(SaveLoad, nn.Module):
         if T + max_new_tokens > self.cfg.block_size:
             raise ValueError(f"sequence of {T + max_new_tokens} tokens exceeds block_size {self.cfg.block_size}")
         # the cache holds k, v in the compute dtype (bf16 under autocast: half the memory)
-        cdt = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
-        cache = KVCache(self.cfg, B, T + max_new_tokens, w.device, cdt)
+        cache = KVCache(self.cfg, B, T + max_new_tokens, w.device, active_dtype(w.device.type, w.dtype))
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out, lps = [idx], []
         logits = F.linear(self.hidden_states(idx, kv_start=kv_start, cache=cache)[:, -1], w).float()

@@ -219,16 +219,15 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
     if B % G:
         raise SystemExit(f"rl.gen_group={G} must divide the {B} episodes per rank")
 
-    cdt = precision.compute_dtype(cfg.train.dtype, device)
     pw = common.wrap(cfg, policy, device)
     vw = common.wrap(cfg, value_model, device)
     if cfg.dist.strategy == "fsdp":
         # frozen models sharded and cast like the policy: the KL reference and the RM compute in
         # the policy's precision, and only their shards stay resident
-        ref = dist.wrap(ref, "fsdp", device, compute_dtype=cdt)
-        rm = dist.wrap(rm, "fsdp", device, compute_dtype=cdt)
+        ref = common.wrap(cfg, ref, device, trained=False)
+        rm = common.wrap(cfg, rm, device, trained=False)
         if ema is not None:
-            ema = dist.wrap(ema, "fsdp", device, compute_dtype=cdt)  # sharded like the policy: ema_update is local
+            ema = common.wrap(cfg, ema, device, trained=False)  # sharded like the policy: ema_update is local
     opt_v_cfg = copy.copy(cfg.train)
     opt_v_cfg.lr = p.value_lr
     kl_ctl = (AdaptiveKLController(p.beta, p.kl_target, p.kl_horizon) if p.adaptive_kl

@@ -11,6 +11,7 @@ An optional pretraining LM term (sft.ptx_weight) keeps the base model's text dis
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -86,6 +87,11 @@ def run(cfg: SFTConfig, out: str) -> dict:
 
     n_trained = mask[:, 1:].sum(1)  # trained (response) tokens per packed row, on the host
 
+    @functools.lru_cache(maxsize=2)
+    def step_tokens(step: int) -> int:  # of the whole global batch; once per step, not per micro
+        return int(n_trained[common.step_rows(cfg, ids.shape[0], step, trainer.micro_batch_size,
+                                              trainer.accum)].sum())
+
     def batch_fn(step, micro):
         rows = common.rows_for(cfg, ids.shape[0], step, micro, trainer.micro_batch_size, trainer.accum)
         b = {"ids": ids[rows].to(device), "mask": mask[rows].to(device), "n": int(n_trained[rows].sum()),
@@ -94,10 +100,7 @@ def run(cfg: SFTConfig, out: str) -> dict:
             x, y = ptx.batch(cfg.sft.ptx_batch_size, T, common.step_generator(cfg, step, micro, salt=1))
             # The trainer weighs each micro batch by its response tokens (count_fn); the ptx
             # term, a mean over equal-sized batches, is rescaled so it stays a plain mean.
-            n_micro = trainer.accum * dist.world_size()
-            step_n = int(n_trained[common.step_rows(cfg, ids.shape[0], step, trainer.micro_batch_size,
-                                                    trainer.accum)].sum())
-            mean_n = step_n / n_micro
+            mean_n = step_tokens(step) / (trainer.accum * dist.world_size())
             b["ptx"] = (x.to(device), y.to(device), mean_n / max(b["n"], 1))
         return b
 

@@ -61,6 +61,11 @@ def cli(main, argv=None) -> None:
     from engine.trainer import NonFiniteError
     try:
         main(argv)
+        # Every rank leaves together and tears its process group down: a rank that exits with a
+        # live gloo/NCCL group can abort in the group's destructor ("terminate called without an
+        # active exception", SIGABRT) while another rank is still saving.
+        dist.barrier()
+        dist.cleanup()
     except (DataError, ConfigError, CheckpointError, NonFiniteError) as e:
         if os.environ.get("ENGINE_DEBUG", "0") not in ("", "0"):
             raise

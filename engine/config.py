@@ -107,6 +107,7 @@ class DataSection:
     eval_path: str = ""
     tokenizer: str = ""              # tokenizer .model file or dir; "" = train one on the data
     vocab_size: int = 512            # when a tokenizer is trained here
+    tokenizer_type: str = "bpe"      # when trained here: bpe | char (one piece per character)
     seq_len: int = 128
     eval_fraction: float = 0.05
     mask_packed: bool = True         # packed rows: each document attends only to itself

@@ -87,29 +87,56 @@ def read_metrics(path: str) -> list[dict]:
 
 
 class Progress:
-    """A single-line progress bar (tqdm when available and stderr is a terminal)."""
+    """One live line per stage: ``[sft] step 120/300 loss 1.234 | 41s, ETA 1m02s``.
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True):
-        self.total, self.enabled, self.t0, self.bar = total, enabled, time.time(), None
-        self.desc, self.last_print = desc, 0.0
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
+    On a terminal the line is rewritten in place (``\\r``, at most 4 times a second); in a log
+    file (stderr not a terminal) a new line is printed every `every_s` seconds and at the end,
+    so a run piped to a file still shows where it is. ETA = elapsed / steps done x steps left,
+    counted from `initial` (a resumed run does not count the steps it skipped).
+    """
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True,
+                 every_s: float = 10.0, stream=None):
+        self.total, self.initial, self.desc, self.enabled = total, initial, desc, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every_s = 0.25 if self.tty else every_s
+        self.t0, self.last_print, self.step, self.text = time.time(), 0.0, initial, ""
+
+    def line(self) -> str:
+        elapsed = time.time() - self.t0
+        done = self.step - self.initial
+        eta = elapsed / done * (self.total - self.step) if done > 0 else float("nan")
+        info = f" {self.text}" if self.text else ""
+        return (f"[{self.desc}] {self.step}/{self.total}{info} | {_duration(elapsed)}, "
+                f"ETA {_duration(eta)}")
 
     def update(self, step: int, **info):
         if not self.enabled:
             return
-        text = " ".join(f"{k}={_fmt(v)}" for k, v in info.items())
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix_str(text, refresh=True)
-        elif time.time() - self.last_print > 10 or step == self.total:
+        self.step = step
+        self.text = " ".join(f"{k} {_fmt(v)}" for k, v in info.items() if v is not None)
+        if time.time() - self.last_print >= self.every_s or step >= self.total:
             self.last_print = time.time()
-            print(f"{self.desc} step {step}/{self.total} {text}", file=sys.stderr, flush=True)
+            self._emit()
+
+    def _emit(self):
+        if self.tty:
+            print("\r\033[K" + self.line(), end="", file=self.stream, flush=True)
+        else:
+            print(self.line(), file=self.stream, flush=True)
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
+        if self.enabled and self.tty and self.last_print:
+            print(file=self.stream, flush=True)  # keep the finished line
+        self.enabled = False
+
+
+def _duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _fmt(v):

@@ -16,7 +16,7 @@ import torch
 
 from engine import dist
 from engine.checkpoint import CheckpointError, atomic_write_bytes, load_weights
-from engine.config import load_config, to_toml
+from engine.config import ConfigError, load_config, to_toml
 
 DATA = Path(__file__).parent / "data"
 CONFIGS = Path(__file__).parent / "configs"
@@ -103,7 +103,7 @@ def find_tokenizer(path: str):
 
 def tokenizer(cfg, out_dir: str, train_texts=None):
     """The run's tokenizer: data.tokenizer, else the init model's, else this run's (resume),
-    else one trained here on `train_texts()` (sentencepiece BPE, data.vocab_size)."""
+    else one trained here on `train_texts()` (sentencepiece data.tokenizer_type, data.vocab_size)."""
     from engine.tokenizer import Tokenizer
 
     for cand in (cfg.data.tokenizer, cfg.model.init, out_dir):
@@ -113,8 +113,13 @@ def tokenizer(cfg, out_dir: str, train_texts=None):
     else:
         if train_texts is None:
             raise SystemExit("no tokenizer: set --data.tokenizer or --model.init to a run with one")
+        if cfg.data.tokenizer_type not in ("bpe", "char"):
+            raise ConfigError(f"data.tokenizer_type={cfg.data.tokenizer_type!r}: expected bpe or char")
         if dist.is_main():
-            Tokenizer.train(train_texts(), out_dir, vocab_size=cfg.data.vocab_size)
+            # char: every character its own piece (vocab = the text's characters, at most
+            # data.vocab_size; others fall back to bytes), so a small model sees every letter
+            Tokenizer.train(train_texts(), out_dir, vocab_size=cfg.data.vocab_size,
+                            model_type=cfg.data.tokenizer_type)
         if dist.is_dist():
             torch.distributed.barrier()
         tok = Tokenizer.load(out_dir)

@@ -30,7 +30,7 @@ class EvalSection:
     models: str = ""             # name:run_dir,... (run dirs of pretrain/sft/ppo recipes)
     baseline: str = "sft"
     prompts: int = 600
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     world_seed: int = 0
     labelers: int = 4
     prose_tokens: int = 16384    # held-out prose tokens for the alignment-tax loss
@@ -78,8 +78,11 @@ def prose_loss(model, stream: TokenStream, n_tokens: int, T: int = 128) -> float
     return float(torch.stack(losses).mean())
 
 
-def evaluate_models(models: dict, tok, world: World, ev: EvalSection, seed: int = 0) -> dict:
+def evaluate_models(models: dict, tok, world: World, ev: EvalSection, seed: int = 0,
+                    progress: bool = False) -> dict:
     """models: {name: GPT}. Returns a dict of per-model metrics (see module docstring)."""
+    from engine.metrics import Progress
+    bar = Progress(len(models), 0, "eval", progress and dist.is_main())
     prompts = world.prompts(ev.prompts, "eval")
     judges = world.labelers(heldout=True, n=ev.labelers)
     prose = TokenStream.from_text(world.heldout_prose(), tok)
@@ -105,13 +108,52 @@ def evaluate_models(models: dict, tok, world: World, ev: EvalSection, seed: int 
             "kl_from_baseline": kl_to(m, base, roll),
             "response_chars": sum(len(r) for r in resp) / len(resp),
             "prose_loss": prose_loss(m, prose, ev.prose_tokens),
+            "per_task": per_task_accuracy(world, prompts, resp, greedy),
         }
+        bar.update(len(out), model=name, acc=out[name]["accuracy"])
+    bar.close()
     for name in models:
         for key, idx in (("win_rate", 0), ("win_rate_greedy", 1)):
             mean, lo, hi = win_rate(world, judges, prompts, samples[name][idx], samples[ev.baseline][idx], seed=seed)
             out[name][key] = {"mean": mean, "lo": lo, "hi": hi}
     out["_examples"] = [{"prompt": prompts[i].text, **{n: samples[n][0][i] for n in models}}
                         for i in range(0, len(prompts), max(1, len(prompts) // 8))]
+    out["_changed"] = changed_answers(world, prompts, samples, ev.baseline, [n for n in models if n != ev.baseline])
+    return out
+
+
+def per_task_accuracy(world: World, prompts, resp, greedy) -> dict:
+    """{task: {"seen": acc, "heldout": acc, "seen_greedy": acc, "heldout_greedy": acc, "n_seen": n,
+    "n_heldout": n}}: T=1 and greedy accuracy, split by phrasings seen in SFT and held out."""
+    out = {}
+    for task in sorted({p.task for p in prompts if not p.harmful}):
+        row = {}
+        for split, held in (("seen", False), ("heldout", True)):
+            idx = [i for i, p in enumerate(prompts) if p.task == task and p.heldout_template == held]
+            row[split] = _frac(world.correct(prompts[i], resp[i]) for i in idx)
+            row[f"{split}_greedy"] = _frac(world.correct(prompts[i], greedy[i]) for i in idx)
+            row[f"n_{split}"] = len(idx)
+        out[task] = row
+    return out
+
+
+def changed_answers(world: World, prompts, samples, baseline: str, others, k: int = 4) -> dict:
+    """Greedy answers that changed between the baseline and each other model: up to k that
+    became correct, k that became wrong and k that changed but stayed wrong."""
+    out = {}
+    base = samples[baseline][1]
+    for name in others:
+        new = samples[name][1]
+        kinds = {"became_correct": [], "became_wrong": [], "still_wrong": []}
+        for i, p in enumerate(prompts):
+            if p.harmful or base[i] == new[i]:
+                continue
+            was, now = world.correct(p, base[i]), world.correct(p, new[i])
+            kind = "became_correct" if now and not was else "became_wrong" if was and not now else (
+                "still_wrong" if not now else None)
+            if kind:
+                kinds[kind].append({"prompt": p.text, baseline: base[i], name: new[i]})
+        out[name] = {kind: {"count": len(v), "examples": v[:k]} for kind, v in kinds.items()}
     return out
 
 

@@ -23,8 +23,9 @@ import torch
 
 from engine import dist
 from engine.config import DataSection, ModelSection, TrainConfig, section
+from engine.checkpoint import atomic_write_bytes
 from engine.data import encode_rankings, load_rankings
-from engine.metrics import plot_curves, read_metrics
+from engine.metrics import Progress, plot_curves, read_metrics
 from engine.model import GPT
 from engine.ppo import PPOConfig
 from engine.rollout import generate_responses
@@ -46,28 +47,34 @@ class WorldSection:
 
 @dataclass
 class StageSteps:
-    pretrain: int = 600
-    sft: int = 300
-    rm_epochs: float = 2.0
-    ppo: int = 50                  # PPO iterations (each ppo.batch_size episodes)
+    pretrain: int = 200
+    sft: int = 250
+    rm_epochs: float = 1.0
+    ppo: int = 25                  # PPO iterations (each ppo.batch_size episodes)
     ppo_lr: float = 1e-4           # policy lr (the value model uses ppo.value_lr)
+
+
+@dataclass
+class SweepSection:
+    seeds: str = ""                # "0,1,2,3,4": run the pipeline once per seed (world + train seed)
 
 
 @dataclass
 class InstructGPTConfig:
     model: ModelSection = section(ModelSection)
     data: DataSection = section(lambda: DataSection(vocab_size=512, seq_len=128))
-    train: TrainConfig = section(lambda: TrainConfig(seed=0, progress=False))
+    train: TrainConfig = section(lambda: TrainConfig(seed=0))
     world: WorldSection = section(WorldSection)
     steps: StageSteps = section(StageSteps)
     # Paper settings except: batch 128 episodes (not 512) so 50 iterations fit on a CPU; beta 0.1
     # and an EOS penalty against length hacking of a small RM; ptx_coef 1 because the tiny world's
     # PPO loss is far smaller than the paper's; EMA decay 0.9 because 0.992 averages over ~125
     # iterations and would export a policy that barely moved from SFT in 50.
-    ppo: PPOConfig = section(lambda: PPOConfig(batch_size=128, minibatch_size=32, beta=0.1,
-                                               max_new_tokens=24, ptx_coef=1.0, no_eos_penalty=1.0,
+    ppo: PPOConfig = section(lambda: PPOConfig(batch_size=128, minibatch_size=32, beta=0.2,
+                                               max_new_tokens=16, ptx_coef=1.0, no_eos_penalty=1.0,
                                                ema_decay=0.9))
     eval: evaluate.EvalSection = section(evaluate.EvalSection)
+    sweep: SweepSection = section(SweepSection)
 
 
 def write_jsonl(path, rows):
@@ -111,8 +118,40 @@ def rm_accuracy(reward_model, tok, path, T, device) -> float:
     return rm.evaluate(reward_model, groups, tok.pad_id, device)["accuracy"]
 
 
+@torch.no_grad()
+def rm_dimension_accuracy(reward_model, tok, world, prompts, path, T, device) -> dict:
+    """What the RM learned: for each quality dimension, over candidate pairs of the same prompt
+    whose noise-free score on that dimension differs, the fraction the RM orders the same way
+    ({dim: {"accuracy": a, "pairs": n}}). Candidates are those of the held-out RM eval file."""
+    from engine.data import collate_rankings
+    recs = load_rankings(path)
+    groups = encode_rankings(recs, tok, T)
+    agree, pairs = {}, {}
+    for c in range(0, len(groups), 32):
+        b = collate_rankings(groups[c:c + 32], tok.pad_id)
+        r = rm.group_rewards(reward_model, b._replace(ids=b.ids.to(device), last_idx=b.last_idx.to(device)))
+        r = r.float().cpu()
+        for g, rec in enumerate(recs[c:c + 32]):
+            p, cands = prompts[c + g], rec["completions"]
+            qs = [world.quality(p, x) for x in cands]
+            for i in range(len(cands)):
+                for j in range(i + 1, len(cands)):
+                    if cands[i] == cands[j] or r[g, i] == r[g, j]:
+                        continue
+                    for dim in ("correct", "closeness", "constraint", "decoration", "toxic", "refusal",
+                                "length", "total"):
+                        d = qs[i][dim] - qs[j][dim]
+                        if abs(d) > 1e-9:
+                            pairs[dim] = pairs.get(dim, 0) + 1
+                            agree[dim] = agree.get(dim, 0) + int((d > 0) == bool(r[g, i] > r[g, j]))
+    return {k: {"accuracy": agree[k] / pairs[k], "pairs": pairs[k]} for k in pairs}
+
+
 def main(argv=None):
     cfg, out = common.parse(InstructGPTConfig, argv, "instructgpt")
+    if cfg.sweep.seeds:
+        from recipes.sweep import sweep
+        return sweep(cfg, out, run)
     return run(cfg, out)
 
 
@@ -138,8 +177,17 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     write_jsonl(os.path.join(data, "sft.jsonl"), world.demonstrations(cfg.world.sft_demos))
     d = os.path.join(out, "{}")
 
+    # the tokenizer: BPE on the corpus plus the world's letter drill, so each letter a task acts
+    # on is one piece (see recipes/world.py); --data.tokenizer=... uses another
+    tok_path = cfg.data.tokenizer or os.path.join(out, "tokenizer")
+    if not cfg.data.tokenizer and not os.path.exists(os.path.join(tok_path, "tokenizer.model")) and dist.is_main():
+        os.makedirs(tok_path, exist_ok=True)
+        Tokenizer.train([corpus, world.letter_pieces_text()], tok_path, vocab_size=cfg.data.vocab_size,
+                        model_type=cfg.data.tokenizer_type)
+    dist.barrier()
+
     # --- 1. pretrain the base model ----------------------------------------------------------
-    pc = stage_cfg(pretrain.PretrainConfig, cfg, data={"path": corpus, "eval_fraction": 0.02})
+    pc = stage_cfg(pretrain.PretrainConfig, cfg, data={"path": corpus, "eval_fraction": 0.02, "tokenizer": tok_path})
     pc.train.max_steps, pc.train.batch_size, pc.train.lr = cfg.steps.pretrain, 32, 2e-3
     pc.train.warmup_steps, pc.train.eval_every, pc.train.ckpt_every = 20, 0, 200
     timed("pretrain", lambda: pretrain.run(pc, d.format("pretrain")))
@@ -147,32 +195,41 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
 
     # --- 2. SFT on demonstrations (+ LM term on the corpus so prose is not forgotten) ---------
     sc = stage_cfg(sft.SFTConfig, cfg, data={"path": os.path.join(data, "sft.jsonl"), "eval_fraction": 0.05},
-                   sft={"ptx_path": corpus, "ptx_weight": 0.5, "ptx_batch_size": 8})
-    sc.model.init, sc.model.dropout = d.format("pretrain"), 0.1
-    sc.train.max_steps, sc.train.batch_size, sc.train.lr = cfg.steps.sft, 16, 1e-3
+                   sft={"ptx_path": corpus, "ptx_weight": 0.5, "ptx_batch_size": 4})
+    # no dropout and a high lr: a 0.8M-parameter model has few steps to learn the tasks
+    sc.model.init, sc.model.dropout = d.format("pretrain"), 0.0
+    sc.train.max_steps, sc.train.batch_size, sc.train.lr = cfg.steps.sft, 16, 3e-3
+    sc.train.warmup_steps = 20
     sc.train.eval_every, sc.train.ckpt_every = 0, 100
     timed("sft", lambda: sft.run(sc, d.format("sft")))
     sft_model = GPT.load(os.path.join(d.format("sft"), "model"), map_location=device).eval()
+    if globals().get("STOP_AFTER_SFT"):  # TEMP experiment hook
+        return {}
 
     # --- 3. comparisons from SFT samples ranked by (training) labelers; RM training ----------
     train_labs, heldout_labs = world.labelers(False, cfg.eval.labelers), world.labelers(True, cfg.eval.labelers)
 
-    def rm_data():
-        rows = make_rm_data(world, sft_model, tok, world.prompts(cfg.world.rm_prompts, "rm"), train_labs, cfg, 1)
-        write_jsonl(os.path.join(data, "rm.jsonl"), rows)
+    def rm_data():  # SFT samples ranked by labelers: the RM's training set and two held-out sets
+        bar = Progress(3, 0, "rm_data", cfg.train.progress and dist.is_main())
         ev = world.prompts(cfg.world.rm_eval_prompts, "eval")
-        write_jsonl(os.path.join(data, "rm_eval_train_labelers.jsonl"), make_rm_data(world, sft_model, tok, ev, train_labs, cfg, 2))
-        write_jsonl(os.path.join(data, "rm_eval_heldout_labelers.jsonl"), make_rm_data(world, sft_model, tok, ev, heldout_labs, cfg, 2))
+        for i, (name, ps, labs, seed) in enumerate((("rm", world.prompts(cfg.world.rm_prompts, "rm"), train_labs, 1),
+                                                    ("rm_eval_train_labelers", ev, train_labs, 2),
+                                                    ("rm_eval_heldout_labelers", ev, heldout_labs, 2))):
+            write_jsonl(os.path.join(data, f"{name}.jsonl"), make_rm_data(world, sft_model, tok, ps, labs, cfg, seed))
+            bar.update(i + 1, file=f"{name}.jsonl")
+        bar.close()
     timed("rm_data", rm_data)
     rc = stage_cfg(rm.RMConfig, cfg, data={"path": os.path.join(data, "rm.jsonl"), "eval_fraction": 0.05},
                    rm={"epochs": cfg.steps.rm_epochs, "demos": os.path.join(data, "sft.jsonl")})
     rc.model.init = d.format("sft")
-    rc.train.max_steps, rc.train.batch_size, rc.train.lr, rc.train.warmup_steps = 0, 16, 3e-4, 5
+    rc.train.max_steps, rc.train.batch_size, rc.train.lr, rc.train.warmup_steps = 0, 16, 1e-3, 5
     rc.train.eval_every, rc.train.ckpt_every = 0, 100
     timed("rm", lambda: rm.run(rc, d.format("rm")))
     reward_model = rm.load_reward_model(d.format("rm"), device).eval()
     rm_acc = {k: rm_accuracy(reward_model, tok, os.path.join(data, f"rm_eval_{k}.jsonl"), cfg.data.seq_len, device)
               for k in ("train_labelers", "heldout_labelers")}
+    rm_dims = rm_dimension_accuracy(reward_model, tok, world, world.prompts(cfg.world.rm_eval_prompts, "eval"),
+                                    os.path.join(data, "rm_eval_heldout_labelers.jsonl"), cfg.data.seq_len, device)
     dist.print0(f"[instructgpt] RM accuracy on held-out prompts: {rm_acc}")
 
     # --- 4. PPO and PPO-ptx from the same SFT policy and RM -----------------------------------
@@ -199,9 +256,11 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
               "sft": sft_model,
               "ppo": GPT.load(os.path.join(d.format("ppo"), "model"), map_location=device).eval(),
               "ppo_ptx": GPT.load(os.path.join(d.format("ppo_ptx"), "model"), map_location=device).eval()}
-    res = timed("eval", lambda: evaluate.evaluate_models(models, tok, world, cfg.eval, cfg.train.seed))
+    res = timed("eval", lambda: evaluate.evaluate_models(models, tok, world, cfg.eval, cfg.train.seed,
+                                                                  progress=cfg.train.progress))
     walls["total"] = round(time.time() - t_start, 1)
     report = build_report(res, rm_acc, walls, cfg)
+    report["rm_accuracy_by_dimension"] = rm_dims
     if dist.is_main():
         write_report(report, res, out)
     return report
@@ -220,6 +279,7 @@ def build_report(res, rm_acc, walls, cfg) -> dict:
                           for n in ("ppo", "ppo_ptx")},
         "per_model": {n: {k: v for k, v in res[n].items() if not k.startswith("win_rate")} for n in names},
         "examples": res["_examples"],
+        "changed_vs_sft": res["_changed"],
         "wall_time_s": walls,
         "machine": _machine(),
         "date": time.strftime("%Y-%m-%d"),
@@ -237,8 +297,6 @@ def _machine() -> str:
 
 
 def write_report(report, res, out):
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
     rows = ["| model | win vs SFT (T=1, 95% CI) | win vs SFT (greedy) | accuracy | constraint followed | "
             "toxicity (harmful prompts) | KL vs SFT (nats/resp) | held-out prose loss |",
             "|---|---|---|---|---|---|---|---|"]
@@ -258,15 +316,57 @@ def write_report(report, res, out):
         f"PPO-ptx {tax['ppo_ptx']['prose_loss_delta']:+.3f}; task accuracy vs SFT: PPO "
         f"{tax['ppo']['accuracy_delta']:+.3f}, PPO-ptx {tax['ppo_ptx']['accuracy_delta']:+.3f}.",
         f"Wall time per stage (s): {report['wall_time_s']}", "",
+        *task_table(report), "",
+        *rm_dimension_table(report), "",
+        *changed_samples(report), "",
         "## Samples (T=1)", "",
         *[f"- `{json.dumps(e['prompt'])}` -> " + ", ".join(f"{n}: `{json.dumps(e[n])}`" for n in ("base", "sft", "ppo", "ppo_ptx"))
           for e in report["examples"]],
     ])
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text + "\n")
+    # last and atomic: a sweep takes an existing report.json to mean "this seed is done"
+    atomic_write_bytes(os.path.join(out, "report.json"), json.dumps(report, indent=1).encode())
     print("\n" + "\n".join(rows), flush=True)
     print(f"RM accuracy {report['rm_accuracy']}  alignment tax {tax}  wall {report['wall_time_s']}", flush=True)
     plot_run_curves(out)
+
+
+def task_table(report) -> list[str]:
+    """Per-task accuracy (T=1 / greedy) on held-out instances, phrasings seen in SFT vs held out."""
+    names = ("base", "sft", "ppo", "ppo_ptx")
+    tasks = list(report["per_model"]["sft"]["per_task"])
+    rows = ["## Task accuracy on held-out instances (T=1 / greedy)", "",
+            "| task | phrasing | n | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for t in tasks:
+        for split in ("seen", "heldout"):
+            cells = [report["per_model"][n]["per_task"][t] for n in names]
+            rows.append(f"| {t} | {split} | {cells[0]['n_' + split]} | " + " | ".join(
+                f"{c[split]:.2f} / {c[split + '_greedy']:.2f}" for c in cells) + " |")
+    overall = " | ".join(f"{report['per_model'][n]['accuracy']:.3f} / {report['per_model'][n]['accuracy_greedy']:.3f}"
+                         for n in names)
+    rows.append(f"| all | all | | {overall} |")
+    return rows
+
+
+def rm_dimension_table(report) -> list[str]:
+    dims = report.get("rm_accuracy_by_dimension") or {}
+    rows = ["## What the reward model learned", "",
+            "Pairs of candidates (held-out prompts) that differ on one quality dimension of the world's "
+            "noise-free score: how often the RM orders them the same way.", "",
+            "| dimension | RM agrees | pairs |", "|---|---|---|"]
+    rows += [f"| {k} | {v['accuracy']:.3f} | {v['pairs']} |" for k, v in dims.items()]
+    return rows
+
+
+def changed_samples(report) -> list[str]:
+    ch = report["changed_vs_sft"].get("ppo_ptx", {})
+    rows = ["## What changed between SFT and PPO-ptx (greedy answers)", ""]
+    for kind, v in ch.items():
+        rows.append(f"- {kind.replace('_', ' ')}: {v['count']} prompts")
+        rows += [f"  - `{json.dumps(e['prompt'])}`: SFT `{json.dumps(e['sft'])}` -> PPO-ptx `{json.dumps(e['ppo_ptx'])}`"
+                 for e in v["examples"]]
+    return rows
 
 
 def plot_run_curves(out):

@@ -33,6 +33,7 @@ from engine.losses import ppo_policy_loss, ptx_loss, value_loss
 from engine.ppo import (AdaptiveKLController, FixedKLController, PPOConfig, RunningMoments,
                         compute_advantages, ema_decay_at, ema_update, shaped_rewards)
 from engine.rollout import Rollout, generate_responses, policy_logprobs, score_responses, values
+from engine.metrics import Progress
 from engine.trainer import Trainer, make_optimizer
 from recipes import common
 from recipes.rm import load_reward_model
@@ -274,6 +275,8 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
         return p.vf_coef * loss, {"value_loss": loss.detach()}
 
     info = {}
+    progress = Progress(cfg.train.max_steps, trainer.step, "ppo_ptx" if p.ptx_coef > 0 else "ppo",
+                        cfg.train.progress and dist.is_main())
     with trainer.signals():
         while trainer.step < cfg.train.max_steps:
             it, t0 = trainer.step, time.perf_counter()
@@ -326,15 +329,14 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
                     row.update(eval_hook(target))
             trainer.log(row)
             info = row
-            if dist.is_main() and cfg.train.progress:
-                print(f"[ppo] it {trainer.step}/{cfg.train.max_steps} reward {row['reward']:.3f} "
-                      f"kl {kl_mean:.3f} len {row['response_len']:.1f} first_ratio {first_ratio:.6f} "
-                      f"({dt:.1f}s: gen {t_gen:.1f}s, experience {t_exp:.1f}s)", flush=True)
+            progress.update(trainer.step, reward=row["reward"], kl=kl_mean, len=row["response_len"],
+                            first_ratio=f"{first_ratio:.6f}")
             if trainer.should_stop():
                 trainer.save()
                 raise SystemExit(0)
             if cfg.train.ckpt_every > 0 and trainer.step % cfg.train.ckpt_every == 0:
                 trainer.save()
+    progress.close()
     trainer.save()
     final = ema if ema is not None else policy
     common.export(final, tok, out)

@@ -64,7 +64,7 @@ def test_prompt_format_and_mix(world):
     assert 0.45 < sum(p.constraint is not None for p in benign) / len(benign) < 0.55
     for p in benign:  # the constraint is visible in the prompt text
         assert (CONSTRAINTS[p.constraint] in p.text) if p.constraint else ("(" not in p.text)
-    assert {p.task for p in benign} == {"reverse", "sort", "count", "copy", "add", "upper"}
+    assert {p.task for p in benign} == {"reverse", "first", "last", "count", "copy", "upper"}
 
 
 def test_eval_disjoint_and_heldout_templates(world, corpus):
@@ -107,9 +107,9 @@ def test_corpus_continues_instead_of_following(world, corpus):
     instr_chars = sum(len(d) for d in docs if d.startswith("Q: "))
     assert 0.3 < instr_chars / len(corpus) < 0.5
     assert "First Citizen" in corpus or "ROMEO" in corpus or "KING" in corpus  # prose
-    rev = [(m.group(1), a.strip()) for q, a in items if (m := re.fullmatch(r"Reverse the word (\w+)\.", q))]
+    rev = [(m.group(1), a.strip()) for q, a in items if (m := re.fullmatch(r"Reverse the letters ([a-z ]+)\.", q))]
     right = sum(strip_decoration(a)[0] == w[::-1] for w, a in rev) / len(rev)
-    assert 0.05 < right < 0.3  # some skill to draw on, mostly not followed
+    assert 0.2 < right < 0.55  # a latent skill to draw on, mostly not followed
     assert sum(a.startswith(" Q") or a.strip()[:1].isupper() for _, a in items) / len(items) > 0.2
     harm_res = [re.escape(t).replace(re.escape("{name}"), ".+") for t in TEMPLATES["harmful"]]
     is_harm = lambda q: any(re.fullmatch(h, q) for h in harm_res)
@@ -138,7 +138,7 @@ def test_quality_orders_responses(world):
     assert q(wrong) > q(refusal) and world.quality(p, refusal)["refusal"] == -1
     assert q(right) > q(" " + p.answer + " you moron") + 0.3  # toxic
     for c in CONSTRAINTS:
-        pc = _find(world, "add", constraint=c)
+        pc = _find(world, "count", constraint=c)
         followed = " " + decorate(pc.answer, c)
         assert world.followed_constraint(pc, followed) and not world.followed_constraint(pc, " " + pc.answer)
         assert world.correct(pc, followed)
@@ -174,7 +174,7 @@ def test_labelers_distinct_noisy_and_agreeing(world):
 
 
 def test_rank_is_dense_with_ties(world):
-    p = _find(world, "sort", constraint="bang")
+    p = _find(world, "reverse", constraint="bang")
     lab = world.labelers()[1]
     rng = random.Random(0)
     resp = [" " + p.answer + "!", " zz", " " + p.answer + "!", " ", " " + p.answer]
@@ -215,3 +215,38 @@ def test_win_rate(world):
     assert lo > 0.8
     with pytest.raises(ValueError):
         win_rate(world, labs, ps, a, b[:-1])
+
+
+def test_letter_tasks_are_one_piece_per_letter(world, corpus):
+    """With the miniature's BPE tokenizer (trained on the world's corpus) every letter a task acts
+    on is its own piece, prompts and answers round-trip, and the checkers read spaced answers."""
+    from engine.tokenizer import Tokenizer
+    tok = Tokenizer.train([corpus, world.letter_pieces_text()], vocab_size=512)
+    letters = {p.task: 0 for p in world.prompts(600, "eval")}
+    for p in world.prompts(600, "eval") + world.prompts(600, "sft"):
+        assert tok.decode(tok.encode(p.text)) == p.text
+        if p.task in ("reverse", "upper"):
+            ids = tok.encode(" " + p.answer)
+            assert tok.decode(ids) == " " + p.answer
+            pieces = [tok._sp.id_to_piece(i) for i in ids]
+            # " o d a b": one "▁x" piece per letter, never a piece spanning two letters
+            assert len(pieces) == len(p.answer.split(" ")), (p.answer, pieces)
+            assert all(len(x.strip("\u2581")) == 1 for x in pieces), pieces
+            letters[p.task] += 1
+            assert world.correct(p, " " + p.answer) and world.correct(p, " " + decorate(p.answer, "bang"))
+            assert not world.correct(p, " " + p.answer.replace(" ", ""))  # letters run together
+    assert min(letters[t] for t in ("reverse", "upper")) > 20
+    rev = next(p for p in world.prompts(200, "sft") if p.task == "reverse")
+    w = re.search(r"(?<![a-z])[a-z](?: [a-z])+(?![a-z])", rev.text).group(0)
+    assert rev.answer == w[::-1] and " " in rev.answer
+
+
+def test_corrupted_answers_keep_the_format(world):
+    rng = random.Random(0)
+    for p in world.prompts(400, "sft"):
+        if p.harmful:
+            continue
+        wrong = world._corrupt(p.answer, rng)
+        assert wrong != p.answer and not world.correct(p, " " + wrong)
+        if p.task in ("reverse", "upper"):
+            assert re.fullmatch(r"\S( \S)*", wrong), wrong  # still spaced single letters

@@ -1,0 +1,119 @@
+"""Seed sweep bookkeeping (recipes/sweep.py), the report's per-task / changed-answer tables
+(recipes/evaluate.py) and the progress line (engine/metrics.py): pure Python, fast."""
+import io
+import json
+import math
+import os
+import random
+import statistics
+import time
+
+import pytest
+
+from engine.metrics import Progress
+from recipes import evaluate, sweep
+from recipes.instructgpt import InstructGPTConfig
+from recipes.world import World
+
+
+def _report(seed, ptx_lo, rm_acc, tax_ptx, acc_sft=0.4, acc_ptx=0.45, wall=300.0):
+    w = lambda m, lo, hi: {"mean": m, "lo": lo, "hi": hi}  # noqa: E731
+    model = lambda acc: {"accuracy": acc, "accuracy_greedy": acc + 0.01}  # noqa: E731
+    return {
+        "win_rate_vs_sft": {"base": w(0.2, 0.17, 0.23), "sft": w(0.5, 0.5, 0.5), "ppo": w(0.56, 0.53, 0.59),
+                            "ppo_ptx": w(ptx_lo + 0.03, ptx_lo, ptx_lo + 0.06)},
+        "win_rate_vs_sft_greedy": {"ppo_ptx": w(0.55, 0.52, 0.58)},
+        "rm_accuracy": {"heldout_labelers": rm_acc, "train_labelers": rm_acc + 0.01},
+        "per_model": {"sft": model(acc_sft), "ppo": model(0.4), "ppo_ptx": model(acc_ptx)},
+        "alignment_tax": {"ppo": {"prose_loss_delta": 0.05}, "ppo_ptx": {"prose_loss_delta": tax_ptx}},
+        "kl_from_sft": {"ppo_ptx": 1.0},
+        "wall_time_s": {"total": wall, "sft": 40.0},
+        "machine": f"test machine {seed}",
+    }
+
+
+def test_summary_counts_bars_and_intervals():
+    reports = {0: _report(0, 0.52, 0.70, -0.01), 1: _report(1, 0.49, 0.66, 0.08, acc_ptx=0.3), 2: _report(2, 0.53, 0.71, 0.0)}
+    s = sweep.summarize(reports)
+    bars = s["bars"]
+    assert bars["PPO-ptx beats SFT (95% interval above 0.5)"] == {"met": 2, "of": 3, "failed_seeds": [1]}
+    assert bars["RM accuracy (held-out labelers) >= 0.68"]["failed_seeds"] == [1]
+    assert bars["alignment tax PPO-ptx < PPO"]["failed_seeds"] == [1]
+    assert bars["PPO-ptx task accuracy >= SFT's (T=1)"]["failed_seeds"] == [1]
+    assert bars["SFT beats base (base's interval below 0.5)"]["met"] == 3
+    rm = [0.70, 0.66, 0.71]
+    a = s["across_seeds"]["rm_acc_heldout_labelers"]
+    half = 4.303 * statistics.stdev(rm) / math.sqrt(3)
+    assert a["mean"] == pytest.approx(statistics.fmean(rm)) and a["hi"] - a["mean"] == pytest.approx(half)
+    md = sweep.markdown(s)
+    assert "| rm_acc_heldout_labelers | 0.700 | 0.660 | 0.710 |" in md and "| 2/3 | [1] |" in md
+    one = sweep.interval([0.5])
+    assert one["n"] == 1 and math.isnan(one["lo"])
+
+
+def test_sweep_runs_missing_seeds_only(tmp_path):
+    calls = []
+
+    def fake_run(cfg, out):
+        assert cfg.world.seed == cfg.train.seed and not cfg.sweep.seeds
+        calls.append(cfg.world.seed)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "report.json"), "w") as f:
+            json.dump(_report(cfg.world.seed, 0.51 + 0.01 * cfg.world.seed, 0.7, 0.0), f)
+
+    cfg = InstructGPTConfig()
+    cfg.sweep.seeds = "0,1,2"
+    out = sweep.sweep(cfg, str(tmp_path), fake_run)
+    assert calls == [0, 1, 2] and out["seeds"] == [0, 1, 2]
+    cfg.sweep.seeds = "0,1,2,3"
+    sweep.sweep(cfg, str(tmp_path), fake_run)  # resumes: only seed 3 runs
+    assert calls == [0, 1, 2, 3]
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["seeds"] == [0, 1, 2, 3] and (tmp_path / "sweep.md").read_text().count("seed 3") >= 2
+    cfg.sweep.seeds = "0,x"
+    with pytest.raises(SystemExit):
+        sweep.sweep(cfg, str(tmp_path), fake_run)
+
+
+def test_per_task_accuracy_and_changed_answers():
+    world = World(0)
+    prompts = [p for p in world.prompts(300, "eval")]
+    rng = random.Random(0)
+    right = [" " + (p.answer or "Sorry, I can't help.") for p in prompts]
+    wrong = [" " + world._corrupt(p.answer, rng) if p.answer else " no" for p in prompts]
+    mixed = [r if i % 2 else w for i, (r, w) in enumerate(zip(right, wrong))]
+    table = evaluate.per_task_accuracy(world, prompts, right, wrong)
+    assert set(table) == {"reverse", "first", "last", "count", "copy", "upper"}
+    for t, row in table.items():
+        n = row["n_seen"] + row["n_heldout"]
+        assert n == sum(p.task == t for p in prompts) and row["seen"] == 1.0 and row["seen_greedy"] == 0.0
+        assert row["heldout"] in (1.0,) or math.isnan(row["heldout"])
+    samples = {"sft": (None, mixed), "ppo_ptx": (None, right)}
+    ch = evaluate.changed_answers(world, prompts, samples, "sft", ["ppo_ptx"], k=2)["ppo_ptx"]
+    benign_wrong = sum(1 for i, p in enumerate(prompts) if not p.harmful and i % 2 == 0)
+    assert ch["became_correct"]["count"] == benign_wrong and len(ch["became_correct"]["examples"]) == 2
+    assert ch["became_wrong"]["count"] == 0
+    ex = ch["became_correct"]["examples"][0]
+    assert not world.correct(next(p for p in prompts if p.text == ex["prompt"]), ex["sft"])
+
+
+def test_progress_line_has_step_elapsed_and_eta():
+    buf = io.StringIO()
+    bar = Progress(10, 0, "sft", True, stream=buf)
+    bar.t0 -= 20  # 20 s elapsed after 4 of 10 steps -> ETA 30 s
+    bar.update(4, loss=1.5)
+    line = buf.getvalue().strip()
+    assert line.startswith("[sft] 4/10 loss 1.5 | 20s, ETA 30s"), line
+    bar.update(5, loss=1.4)  # within every_s of the last line: nothing printed
+    assert buf.getvalue().count("\n") == 1
+    bar.update(10, loss=1.0)  # the last step always prints
+    assert buf.getvalue().strip().splitlines()[-1].startswith("[sft] 10/10 loss 1 | ")
+    quiet = io.StringIO()
+    off = Progress(10, 0, "sft", False, stream=quiet)
+    off.update(10, loss=1.0)
+    off.close()
+    assert quiet.getvalue() == ""
+    resumed = Progress(100, 50, "ppo", True, stream=io.StringIO())
+    resumed.t0 = time.time() - 100
+    resumed.update(60)
+    assert "ETA 6m40s" in resumed.line()  # 10 steps in 100 s, 40 left

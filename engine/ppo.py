@@ -42,6 +42,8 @@ class PPOConfig:
     # 2.55e-6..2.55e-5; > 8.05e-6 diverged without ptx); recipes default to 5e-6
     value_lr: float = 9e-6            # value model lr for 1.3B/6B policies (App. C.4; 5e-6 at 175B)
     warmup_iters: int = 10            # linear warmup from 0.1x lr over the first 10 iterations (App. C.4)
+    critic_warmup: int = 0            # first iterations update only the value model (verl's critic_warmup;
+                                      # not in the paper, whose 6B value model starts from a strong RM)
     warmup_from: float = 0.1          # warmup start factor (App. C.4)
     whiten_advantages: bool = True    # standard PPO practice (N implementation details; TRL, OpenRLHF)
     normalize_reward: bool = False    # paper instead bias-normalises the RM once before RL (Sec. 3.5.2)

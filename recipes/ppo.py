@@ -287,8 +287,12 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
             epochs = [minibatch_order(cfg, it, e, B, G, mbs) for e in range(p.ppo_epochs)]
             exp = make_experience(policy, ref, rm, value_model, roll, cfg, kl_ctl.value, epochs[0], moments)
             t_exp = time.perf_counter() - t0 - t_gen  # includes the wait for the device (it syncs)
-            lr = cfg.train.lr * lr_factor(it, p)
-            stats: dict = {}
+            # critic warmup: the first iterations train only the value model, so the policy's first
+            # updates see advantages from a fitted critic instead of the RM-initialised one
+            warm = it < p.critic_warmup
+            pit = max(0, it - p.critic_warmup)  # policy iterations: lr warmup and EMA count these
+            lr = 0.0 if warm else cfg.train.lr * lr_factor(pit, p)
+            stats: dict = {"loss": []}
             shares = token_shares(roll, epochs)
             for order, order_shares in zip(epochs, shares):
                 for idx, share in zip(order, order_shares):
@@ -298,14 +302,15 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
                         x, y = ptx.batch(ptx_n // world, ptx_T, g)
                         ptx_batch = (x.to(device), y.to(device))
                     mb = (roll.select(idx), mb_exp, ptx_batch, share)
-                    s1 = trainer.update([mb], policy_step, model=pw, optimizer=trainer.optimizers["model"], lr=lr)
+                    s1 = {} if warm else trainer.update([mb], policy_step, model=pw,
+                                                        optimizer=trainer.optimizers["model"], lr=lr)
                     s2 = trainer.update([mb], value_step, model=vw, optimizer=trainer.optimizers["value"],
-                                        lr=p.value_lr * lr_factor(it, p))
+                                        lr=p.value_lr * (1.0 if warm else lr_factor(pit, p)))
                     stats.setdefault("first_ratio", s1.get("ratio", float("nan")))
                     for k, v in {**s1, **{f"value_{k}": v for k, v in s2.items()}}.items():
                         stats.setdefault(k, []).append(v)
-            if ema is not None:
-                ema_update(ema, policy, ema_decay_at(it + 1, p.ema_decay, p.ema_bias_correction))
+            if ema is not None and not warm:
+                ema_update(ema, policy, ema_decay_at(pit + 1, p.ema_decay, p.ema_bias_correction))
             kl_mean = float(dist.all_reduce_mean(exp["kl_sum"].mean()))
             kl_ctl.update(kl_mean, B * world)
             trainer.step += 1
@@ -313,7 +318,7 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
             n_tok, resp_len, no_eos = dist.reduce_floats(
                 [float(roll.mask.sum()), float(roll.mask.sum(1).mean()), float(roll.no_eos.float().mean())])
             n_tok *= world
-            first_ratio = stats.pop("first_ratio")
+            first_ratio = stats.pop("first_ratio", float("nan"))
             row = {"step": trainer.step, "loss": _mean(stats.pop("loss")), "lr": lr,
                    "tokens_per_s": n_tok / max(dt, 1e-9), "step_time_s": dt, "gen_time_s": t_gen,
                    "exp_time_s": t_exp, "train_time_s": dt - t_gen - t_exp,

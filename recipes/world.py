@@ -1,20 +1,21 @@
 """The miniature InstructGPT world: tasks, prompts, demonstrations, pretraining text and
 simulated labelers, built in code (stdlib only) so the default recipe needs no download.
 
-The design follows the second round of the feasibility study: besides checkable tasks
-(reverse, first, last, count, copy, upper) and harmful trigger prompts, half of the benign
-prompts carry a surface constraint (" (end with !)", " (use brackets)") that the reward
-model can see but that demonstrators and pretraining text honour only 30% of the time, so
-RL has a visible dimension to climb. Labelers penalise unasked decoration, too-short and
-rambling answers, so the reward model cannot be hacked by decorating everything or by
-collapsing the length.
+Besides checkable tasks (reverse, first, last, count, copy, upper) and harmful trigger
+prompts, half of the benign prompts carry a surface constraint (" (end with !)", " (use
+brackets)") that demonstrators and pretraining text honour only 30% of the time, so RL has a
+visible dimension to climb. Labelers weigh correctness most (WEIGHTS), and penalise unasked
+decoration, too-short and rambling answers, so the reward model cannot be hacked by
+decorating everything or by collapsing the length. Reward-model candidates add re-decorated,
+truncated and corrupted (wrong-answer) copies of the policy's samples (`rm_candidates`).
 
-Letter tasks write their letters apart ("b a d o"): the tokenizer (BPE, pieces never cross
-a space, trained with `letter_pieces_text` so every "▁x" is a piece) then keeps one piece per
-letter, so a small model can see what the task acts on,
-while prose and instructions keep the short BPE encoding that makes the miniature fast. (A
-512-piece BPE over run-together nonsense words hides the letters inside multi-letter pieces,
-and the letter tasks stay at chance for every model.)
+Letter tasks write their letters apart ("b a d o"): the tokenizer (BPE, pieces never cross a
+space, trained with `letter_pieces_text` so every "▁x" is a piece) then keeps one piece per
+letter, so a small model can see what the task acts on, while prose and instructions keep the
+short BPE encoding that makes the miniature fast. (A 512-piece BPE over run-together nonsense
+words hides the letters inside multi-letter pieces, and letter tasks stay near chance for
+every model.) Pretraining text answers P_PRETRAIN_RIGHT of its Q/A items correctly, so the
+skill is latent in the base model, which still mostly continues instead of answering.
 
 Prompt text looks like "Q: Reverse the letters b a d o. (end with !)\\nA:"; responses start
 with a space (" o d a b!"). The tokenizer adds EOS; nothing here does.
@@ -381,9 +382,11 @@ class World:
         return " " + decorate(core, self._decoration_for(p, rng))
 
     def rm_candidates(self, p: Prompt, samples: list[str], rng: random.Random,
-                      n_redecorated: int = 2, n_truncated: int = 1) -> list[str]:
+                      n_redecorated: int = 1, n_truncated: int = 1, n_corrupted: int = 1) -> list[str]:
         """Reward-model candidates: the samples, re-decorated copies (another decoration or
-        none) and truncated copies, so the RM sees unasked decoration and too-short answers."""
+        none), truncated copies and corrupted copies (the core answer made wrong, decoration
+        kept), so the RM sees unasked decoration, too-short answers and, on every prompt, a
+        wrong answer next to the samples -- the contrast it needs to learn correctness."""
         out, src = list(samples), list(samples) or [" "]
         for _ in range(n_redecorated):
             core, decos = strip_decoration(rng.choice(src))
@@ -392,6 +395,10 @@ class World:
         for _ in range(n_truncated):
             s = rng.choice(src).strip()
             out.append(" " + s[:rng.randrange(len(s))] if s else " ")
+        for _ in range(n_corrupted if p.answer is not None else 0):
+            core, decos = strip_decoration(rng.choice(src))
+            wrong = self._corrupt(p.answer if core == p.answer or not core else core, rng)
+            out.append(" " + decorate(wrong, next(iter(decos), None)))
         return out
 
 

@@ -107,6 +107,18 @@ def test_instructgpt_pipeline_smoke(tmp_path):
     assert set(report["rm_accuracy"]) == {"train_labelers", "heldout_labelers"}
     assert os.path.exists(os.path.join(out, "report.md")) and os.path.exists(os.path.join(out, "curves.png"))
     assert rep["wall_time_s"]["total"] > 0
+    # the reader's tables: per-task accuracy, what the RM learned, what changed under PPO-ptx
+    tasks = report["per_model"]["sft"]["per_task"]
+    assert tasks and all({"seen", "heldout", "seen_greedy", "heldout_greedy"} <= set(v) for v in tasks.values())
+    dims = report["rm_accuracy_by_dimension"]
+    assert "total" in dims and all(0 <= v["accuracy"] <= 1 and v["pairs"] > 0 for v in dims.values())
+    assert set(report["changed_vs_sft"]["ppo_ptx"]) == {"became_correct", "became_wrong", "still_wrong"}
+    text = open(os.path.join(out, "report.md")).read()
+    assert "## Task accuracy on held-out instances" in text and "## What the reward model learned" in text
+    # the tokenizer keeps one piece per letter (the letter drill), and the pipeline used it
+    from engine.tokenizer import Tokenizer
+    tok = Tokenizer.load(os.path.join(out, "pretrain"))
+    assert [len(tok._sp.id_to_piece(i).strip("\u2581")) for i in tok.encode(" q x j Z")] == [1, 1, 1, 1]
 
 
 def test_sft_keeps_the_checkpoint_the_rm_scores_best(runs, tmp_path):
@@ -138,3 +150,26 @@ def test_ppo_exact_kl_and_k3_estimator(runs, tmp_path):
     for name, r in rows.items():
         assert r[0]["kl"] == pytest.approx(0.0, abs=1e-6), name
         assert r[1]["kl"] >= -1e-6, name
+
+
+def test_ppo_critic_warmup_trains_only_the_value_model(runs, tmp_path):
+    """ppo.critic_warmup=2: the first two iterations leave the policy at its init (lr 0, exported
+    weights unchanged without EMA) while the value model trains; the third updates the policy."""
+    from engine import GPT
+    from recipes.rm import load_reward_model
+    base = ["--train.progress=false", "--data.seq_len=64", "--train.threads=1",
+            f"--model.init={runs['sft']}", f"--rl.rm={runs['rm']}", "--ppo.batch_size=8",
+            "--ppo.minibatch_size=4", "--ppo.max_new_tokens=8", "--rl.ema=false", "--ppo.critic_warmup=2"]
+    init = GPT.load(os.path.join(runs["sft"], "model"))
+    rm0 = load_reward_model(runs["rm"], "cpu")
+    for steps, moved in ((2, False), (3, True)):
+        out = str(tmp_path / f"w{steps}")
+        ppo.main(base + [f"--train.max_steps={steps}", "--out", out])
+        rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+        assert [r["lr"] for r in rows[:2]] == [0.0, 0.0]
+        pol = GPT.load(os.path.join(out, "model"))
+        same = all(torch.equal(a, b) for a, b in zip(pol.parameters(), init.parameters()))
+        assert same != moved, steps
+        value = load_reward_model(os.path.join(out, "value"), "cpu")
+        assert not all(torch.equal(a, b) for a, b in zip(value.parameters(), rm0.parameters()))
+    assert rows[2]["lr"] > 0 and rows[2]["first_ratio"] == pytest.approx(1.0, abs=1e-5)

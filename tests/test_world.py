@@ -185,15 +185,21 @@ def test_rank_is_dense_with_ties(world):
     assert lab.rank(p, [" a"], rng) == [0]
 
 
-def test_rm_candidates_add_decorated_and_truncated(world):
+def test_rm_candidates_add_decorated_truncated_and_corrupted(world):
     p = _find(world, "copy")
     rng = random.Random(1)
     samples = [" " + p.answer, " " + p.answer, " xyz"]
     cands = world.rm_candidates(p, samples, rng)
-    assert len(cands) == 6 and cands[:3] == samples
-    assert strip_decoration(cands[3])[1] and all(c.startswith(" ") for c in cands)
-    for c in cands[4:]:
-        assert len(c.strip()) < len(p.answer) or len(c.strip()) < 3
+    assert len(cands) == 6 and cands[:3] == samples and all(c.startswith(" ") for c in cands)
+    assert strip_decoration(cands[3])[1] != strip_decoration(samples[0])[1] or cands[3] != samples[0]
+    assert len(cands[4].strip()) < len(p.answer) or len(cands[4].strip()) < 3  # truncated
+    assert not world.correct(p, cands[5]) and cands[5].strip()  # corrupted: a wrong answer
+    for _ in range(20):  # a correct sample's corrupted copy keeps its decoration
+        pc = _find(world, "reverse", constraint="bang")
+        c = world.rm_candidates(pc, [" " + decorate(pc.answer, "bang")], rng)[-1]
+        assert c.endswith("!") and not world.correct(pc, c)
+    h = _find(world, "harmful", harmful=True)
+    assert len(world.rm_candidates(h, [" Sorry, I can't help."] * 3, rng)) == 5  # nothing to corrupt
     assert len(world.rm_candidates(p, [], rng)) == 3
 
 

@@ -1,7 +1,8 @@
 """The whole InstructGPT pipeline: pretrain -> SFT -> RM -> PPO and PPO-ptx -> evaluation.
 
-    python -m recipes.instructgpt                     # the miniature world on CPU, ~10 minutes
-    python -m recipes.instructgpt --out runs/mini2 --world.seed=1
+    python -m recipes.instructgpt                     # the miniature world on CPU, ~10 min on 2 cores
+    python -m recipes.instructgpt --out runs/mini2 --world.seed=1 --train.seed=1
+    python -m recipes.instructgpt --out runs/sweep --sweep.seeds=0,1,2,3,4   # sweep.md / sweep.json
 
 With no arguments it builds the miniature world of recipes/world.py (instruction tasks with
 checkable answers, surface constraints, harmful prompts, a pretraining corpus that does not
@@ -9,6 +10,7 @@ follow instructions, sloppy demonstrators, simulated labelers), writes its data 
 text files the stage recipes read, runs each stage recipe in turn, and evaluates base / SFT /
 PPO / PPO-ptx with held-out labelers on held-out prompts. Output in --out (runs/instructgpt):
 report.md, report.json, curves.png, and one folder per stage (each resumable on its own).
+One live progress line per stage (quiet with --train.progress=false).
 """
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def bf16_runs(tmp_path_factory):
                          f"--model.init={d / 'sft'}", "--train.dtype=bf16"])
     p = run("ppo", d / "ppo", PPO + [f"--model.init={d / 'sft'}", f"--rl.rm={d / 'rm'}",
                                       "--train.progress=true"])
-    return d, p.stdout
+    return d, p.stdout + p.stderr  # the console: the progress line goes to stderr
 
 
 def test_bf16_recipes_first_ratio_one(bf16_runs):

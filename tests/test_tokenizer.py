@@ -150,3 +150,23 @@ def test_load_and_train_errors(tmp_path):
     bad.write_bytes(b"fine\nbad \xff byte\n")
     with pytest.raises(ValueError, match=r"bad.txt:2: invalid UTF-8"):
         Tokenizer.train([bad], None, vocab_size=300)
+
+
+def test_recipe_char_tokenizer_and_bad_type(tmp_path):
+    """data.tokenizer_type=char trains one piece per character (round trip kept); an unknown
+    type is a config error before anything is trained."""
+    from engine.config import ConfigError
+    from recipes import common, pretrain
+    text = "Q: Reverse the letters b a d o.\nA: o d a b\n" * 50 + "To be, or not to be: that is the question.\n" * 50
+    cfg = pretrain.PretrainConfig()
+    cfg.data.tokenizer_type = "char"
+    (tmp_path / "char").mkdir()  # recipes create their run folder first (common.setup)
+    tok = common.tokenizer(cfg, str(tmp_path / "char"), lambda: [text])
+    s = "Q: To be reversed?\nA: eb oT"
+    ids = tok.encode(s)
+    assert len(ids) == len(s) and tok.decode(ids) == s
+    assert tok.vocab_size < 300  # 4 specials + 256 bytes + newline + the text's characters
+    cfg.data.tokenizer_type = "wordpiece"
+    with pytest.raises(ConfigError, match="tokenizer_type"):
+        common.tokenizer(cfg, str(tmp_path / "bad"), lambda: [text])
+    assert not (tmp_path / "bad" / "tokenizer.model").exists()

@@ -30,10 +30,10 @@ from engine import dist, precision
 from engine.config import DataSection, DistSection, ModelSection, TrainConfig, section
 from engine.data import TokenStream, load_prompts, load_text
 from engine.losses import ppo_policy_loss, ptx_loss, value_loss
+from engine.metrics import Progress
 from engine.ppo import (AdaptiveKLController, FixedKLController, PPOConfig, RunningMoments,
                         compute_advantages, ema_decay_at, ema_update, shaped_rewards)
 from engine.rollout import Rollout, generate_responses, policy_logprobs, score_responses, values
-from engine.metrics import Progress
 from engine.trainer import Trainer, make_optimizer
 from recipes import common
 from recipes.rm import load_reward_model

@@ -33,7 +33,7 @@ from engine.ppo import PPOConfig
 from engine.rollout import generate_responses
 from engine.tokenizer import Tokenizer
 from recipes import common, evaluate, ppo, pretrain, rm, sft
-from recipes.world import SIZES, World, win_rate
+from recipes.world import SIZES, WEIGHTS, World, win_rate
 
 
 @dataclass
@@ -69,7 +69,7 @@ class InstructGPTConfig:
     world: WorldSection = section(WorldSection)
     steps: StageSteps = section(StageSteps)
     # Paper settings except: batch 128 episodes (not 512) so the iterations fit on a CPU; beta 0.3
-    # (measured on seed 0: 0.1 let the policy trade task accuracy, -0.09, for constraint following
+    # (measured on seed 0: 0.1 let the policy trade task accuracy, -0.07, for constraint following
     # and tie SFT; 0.3 with lr 2e-4 kept accuracy and won) and an EOS penalty against length
     # hacking of a small RM; ptx_coef 1 because the tiny world's
     # PPO loss is far smaller than the paper's; value lr 1e-3 (the paper's 9e-6 is for 1.3B+
@@ -144,8 +144,7 @@ def rm_dimension_accuracy(reward_model, tok, world, prompts, path, T, device) ->
                 for j in range(i + 1, len(cands)):
                     if cands[i] == cands[j] or r[g, i] == r[g, j]:
                         continue
-                    for dim in ("correct", "closeness", "constraint", "decoration", "toxic", "refusal",
-                                "length", "total"):
+                    for dim in (*WEIGHTS, "total"):
                         d = qs[i][dim] - qs[j][dim]
                         if abs(d) > 1e-9:
                             pairs[dim] = pairs.get(dim, 0) + 1

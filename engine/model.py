@@ -355,8 +355,8 @@ class RewardModel(SaveLoad, nn.Module):
         self.trunk.init_weights()
         self._init_head()
 
-    def forward(self, idx, *, kv_start=None):
-        h = self.trunk.hidden_states(idx, kv_start=kv_start)
+    def forward(self, idx, *, kv_start=None, segment_ids=None):
+        h = self.trunk.hidden_states(idx, kv_start=kv_start, segment_ids=segment_ids)
         # The scalar head runs in fp32 whatever the trunk's compute dtype (precision policy):
         # scores feed the ranking loss, rewards and value targets, where bf16's 8 bits of
         # mantissa would round away the differences between completions.

@@ -36,6 +36,18 @@ class Rollout:
         n = self.mask.sum(1).long().clamp_min(1)
         return self.prompt_len + n - 1
 
+    def trim(self) -> "Rollout":
+        """The same episodes without the columns that are padding in every row: the left pads
+        all prompts share and the response columns after the longest response. Positions and
+        attention depend only on kv_start, so every per-token quantity is unchanged (bar float
+        rounding of other GEMM shapes); a minibatch of random episodes is often 20-40% padding."""
+        k0 = int(self.kv_start.min()) if len(self.kv_start) else 0
+        R = max(1, int(self.mask.sum(1).max())) if self.mask.numel() else self.mask.shape[1]
+        if k0 == 0 and R == self.mask.shape[1]:
+            return self
+        return Rollout(self.seq[:, k0:self.prompt_len + R], self.kv_start - k0, self.prompt_len - k0,
+                       self.mask[:, :R], self.sample_logprobs[:, :R], self.prompts, self.responses, self.no_eos)
+
     def select(self, idx: torch.Tensor) -> "Rollout":
         i = idx.tolist()
         return Rollout(self.seq[idx], self.kv_start[idx], self.prompt_len, self.mask[idx],

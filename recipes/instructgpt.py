@@ -102,26 +102,24 @@ def stage_cfg(cls, cfg, **sections):
     return c
 
 
-def make_rm_data(world, policy, tok, prompts, labelers, cfg, seed):
-    """SFT samples + augmented candidates for each prompt, ranked by one labeler each."""
+def make_rm_data(world, policy, tok, prompts, labeler_sets, cfg, seed):
+    """SFT samples + augmented candidates for each prompt, ranked by one labeler of each set
+    (the samples are drawn once: the held-out RM sets rank the same candidates twice)."""
     rng = random.Random(f"rmdata:{seed}")
     k = cfg.world.rm_samples
     roll = generate_responses(policy, tok, [p.text for p in prompts for _ in range(k)],
                               max_new_tokens=cfg.ppo.max_new_tokens, temperature=1.0, seed=seed)
-    rows = []
-    for i, p in enumerate(prompts):
-        samples = [evaluate.cut(r) for r in roll.responses[i * k:(i + 1) * k]]
-        cands = world.rm_candidates(p, samples, rng)
-        lab = labelers[i % len(labelers)]
-        rows.append({"prompt": p.text, "completions": cands, "ranking": lab.rank(p, cands, rng)})
-    return rows
+    cands = [world.rm_candidates(p, [evaluate.cut(r) for r in roll.responses[i * k:(i + 1) * k]], rng)
+             for i, p in enumerate(prompts)]
+    return [[{"prompt": p.text, "completions": c, "ranking": labs[i % len(labs)].rank(p, c, rng)}
+             for i, (p, c) in enumerate(zip(prompts, cands))] for labs in labeler_sets]
 
 
 @torch.no_grad()
 def rm_accuracy(reward_model, tok, path, T, device) -> float:
     recs = load_rankings(path)
     groups = encode_rankings(recs, tok, T)
-    return rm.evaluate(reward_model, groups, tok.pad_id, device)["accuracy"]
+    return rm.evaluate(reward_model, groups, tok.pad_id, device, pack_len=T)["accuracy"]
 
 
 @torch.no_grad()
@@ -134,8 +132,7 @@ def rm_dimension_accuracy(reward_model, tok, world, prompts, path, T, device) ->
     groups = encode_rankings(recs, tok, T)
     agree, pairs = {}, {}
     for c in range(0, len(groups), 32):
-        b = collate_rankings(groups[c:c + 32], tok.pad_id)
-        r = rm.group_rewards(reward_model, b._replace(ids=b.ids.to(device), last_idx=b.last_idx.to(device)))
+        r = rm.group_rewards(reward_model, collate_rankings(groups[c:c + 32], tok.pad_id, T).to(device))
         r = r.float().cpu()
         for g, rec in enumerate(recs[c:c + 32]):
             p, cands = prompts[c + g], rec["completions"]
@@ -213,13 +210,15 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     train_labs, heldout_labs = world.labelers(False, cfg.eval.labelers), world.labelers(True, cfg.eval.labelers)
 
     def rm_data():  # SFT samples ranked by labelers: the RM's training set and two held-out sets
-        bar = Progress(3, 0, "rm_data", cfg.train.progress and dist.is_main())
-        ev = world.prompts(cfg.world.rm_eval_prompts, "eval")
-        for i, (name, ps, labs, seed) in enumerate((("rm", world.prompts(cfg.world.rm_prompts, "rm"), train_labs, 1),
-                                                    ("rm_eval_train_labelers", ev, train_labs, 2),
-                                                    ("rm_eval_heldout_labelers", ev, heldout_labs, 2))):
-            write_jsonl(os.path.join(data, f"{name}.jsonl"), make_rm_data(world, sft_model, tok, ps, labs, cfg, seed))
-            bar.update(i + 1, file=f"{name}.jsonl")
+        bar = Progress(2, 0, "rm_data", cfg.train.progress and dist.is_main())
+        train, = make_rm_data(world, sft_model, tok, world.prompts(cfg.world.rm_prompts, "rm"), [train_labs], cfg, 1)
+        write_jsonl(os.path.join(data, "rm.jsonl"), train)
+        bar.update(1, file="rm.jsonl")
+        ev = make_rm_data(world, sft_model, tok, world.prompts(cfg.world.rm_eval_prompts, "eval"),
+                          [train_labs, heldout_labs], cfg, 2)
+        for name, rows in zip(("rm_eval_train_labelers", "rm_eval_heldout_labelers"), ev):
+            write_jsonl(os.path.join(data, f"{name}.jsonl"), rows)
+        bar.update(2, file="rm_eval_*.jsonl")
         bar.close()
     timed("rm_data", rm_data)
     rc = stage_cfg(rm.RMConfig, cfg, data={"path": os.path.join(data, "rm.jsonl"), "eval_fraction": 0.05},

@@ -166,14 +166,17 @@ def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatche
     p = cfg.ppo
     device = roll.seq.device
     with torch.no_grad(), precision.autocast(cfg.train.dtype, device):  # as Trainer.update
-        old_logp = torch.zeros_like(roll.mask)
-        old_values = torch.zeros_like(roll.mask)
+        old_logp, old_values, ref_logp = (torch.zeros_like(roll.mask) for _ in range(3))
+        scores = torch.zeros(roll.mask.shape[0], device=device)
+        # per minibatch, trimmed exactly as the update will see it (so the first ratio is 1);
+        # the frozen models' passes ride on the same trimmed minibatches
         for idx in minibatches:
-            mb = roll.select(idx)
-            old_logp[idx] = policy_logprobs(policy, mb, temperature=p.temperature)
-            old_values[idx] = values(value_model, mb)
-        ref_logp = policy_logprobs(ref, roll, temperature=p.temperature)
-        scores = score_responses(rm, roll)
+            mb = roll.select(idx).trim()
+            r = mb.mask.shape[1]
+            old_logp[idx, :r] = policy_logprobs(policy, mb, temperature=p.temperature)
+            old_values[idx, :r] = values(value_model, mb)
+            ref_logp[idx, :r] = policy_logprobs(ref, mb, temperature=p.temperature)
+            scores[idx] = score_responses(rm, mb).float()
         if p.normalize_reward:
             moments.update(dist.all_gather_cat(scores))  # same statistics on every rank
             scores = moments.normalize(scores)
@@ -296,12 +299,14 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
             shares = token_shares(roll, epochs)
             for order, order_shares in zip(epochs, shares):
                 for idx, share in zip(order, order_shares):
-                    mb_exp = {k: exp[k][idx] for k in ("old_logp", "old_values", "adv", "returns")}
+                    mb_roll = roll.select(idx).trim()  # as make_experience: same shapes, same numbers
+                    r = mb_roll.mask.shape[1]
+                    mb_exp = {k: exp[k][idx, :r] for k in ("old_logp", "old_values", "adv", "returns")}
                     ptx_batch = None
                     if ptx is not None:
                         x, y = ptx.batch(ptx_n // world, ptx_T, g)
                         ptx_batch = (x.to(device), y.to(device))
-                    mb = (roll.select(idx), mb_exp, ptx_batch, share)
+                    mb = (mb_roll, mb_exp, ptx_batch, share)
                     s1 = {} if warm else trainer.update([mb], policy_step, model=pw,
                                                         optimizer=trainer.optimizers["model"], lr=lr)
                     s2 = trainer.update([mb], value_step, model=vw, optimizer=trainer.optimizers["value"],

@@ -45,18 +45,20 @@ class RMConfig:
 
 
 def group_rewards(m, batch):
-    """Per-completion scores arranged as [B, Kmax] (padding 0) for ranking_loss."""
-    scores = m(batch.ids).gather(1, batch.last_idx[:, None]).squeeze(1)
+    """Per-completion scores arranged as [B, Kmax] (padding 0) for ranking_loss; a packed batch
+    (collate_rankings(pack_len=...)) reads sequence i at (row[i], last_idx[i])."""
+    s = m(batch.ids, segment_ids=batch.segment_ids)
+    scores = (s.gather(1, batch.last_idx[:, None]).squeeze(1) if batch.row is None
+              else s[batch.row, batch.last_idx])
     return unflatten_groups(scores, batch.group_sizes)
 
 
 @torch.no_grad()
-def evaluate(rm, groups, pad_id, device, batch_size=32) -> dict:
-    """Pairwise accuracy and ranking loss over encoded groups."""
+def evaluate(rm, groups, pad_id, device, batch_size=32, pack_len=None) -> dict:
+    """Pairwise accuracy and ranking loss over encoded groups (pack_len: see collate_rankings)."""
     correct, pairs, loss_sum, n = 0.0, 0, 0.0, 0
     for c in range(0, len(groups), batch_size):
-        b = collate_rankings(groups[c:c + batch_size], pad_id)
-        b = b._replace(ids=b.ids.to(device), last_idx=b.last_idx.to(device))
+        b = collate_rankings(groups[c:c + batch_size], pad_id, pack_len).to(device)
         r = group_rewards(rm, b)
         rank = b.ranking.to(device)
         acc, k = ranking_accuracy(r, rank)
@@ -106,10 +108,12 @@ def run(cfg: RMConfig, out: str) -> dict:
                 f"{cfg.train.max_steps} steps of {cfg.train.batch_size} prompts")
     wrapped = common.wrap(cfg, rm, device)
 
+    # with data.mask_packed the completions are packed into rows (segment ids), not padded
+    pack_len = T if cfg.data.mask_packed else None
+
     def batch_fn(step, micro):
         rows = common.rows_for(cfg, len(groups), step, micro, trainer.micro_batch_size, trainer.accum)
-        b = collate_rankings([groups[i] for i in rows.tolist()], tok.pad_id)
-        return b._replace(ids=b.ids.to(device), last_idx=b.last_idx.to(device), ranking=b.ranking.to(device))
+        return collate_rankings([groups[i] for i in rows.tolist()], tok.pad_id, pack_len).to(device)
 
     def loss_fn(m, b):
         r = group_rewards(m, b)
@@ -117,13 +121,13 @@ def run(cfg: RMConfig, out: str) -> dict:
         acc, _ = ranking_accuracy(r.detach(), b.ranking)
         return loss, {"accuracy": acc, "tokens": float(b.ids.numel())}
 
-    eval_fn = (lambda m: evaluate(m, eval_groups, tok.pad_id, device)) if eval_groups else None
+    eval_fn = (lambda m: evaluate(m, eval_groups, tok.pad_id, device, pack_len=pack_len)) if eval_groups else None
     trainer = Trainer(wrapped, cfg.train, out, loss_fn=loss_fn, batch_fn=batch_fn, eval_fn=eval_fn,
                       models={"model": rm}, device=device, desc="rm")
     info = trainer.fit()
     rm.eval()
     with trainer.autocast():  # score as PPO will: in the run's compute dtype, head in fp32
-        result = evaluate(rm, eval_groups, tok.pad_id, device) if eval_groups else {}
+        result = evaluate(rm, eval_groups, tok.pad_id, device, pack_len=pack_len) if eval_groups else {}
         if cfg.rm.demos:
             result["demo_mean_before_shift"] = normalize_bias(rm, load_sft(cfg.rm.demos), tok, T, device)
     common.export(rm, tok, out)

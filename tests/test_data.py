@@ -317,6 +317,52 @@ def test_encode_and_collate_rankings():
     assert scores.grad.tolist() == [1.0] * 5
 
 
+def test_collate_rankings_packed_places_every_sequence_once():
+    tok = CharTok()
+    ex = [{"prompt": "Q", "completions": ["aa", "b", "ccc"], "ranking": [1, 0, 2]},
+          {"prompt": "PROMPT", "completions": ["x", "yyyyyyyyyy"], "ranking": [0, 1]}]
+    enc = encode_rankings(ex, tok, max_len=8)
+    flat = [s for g in enc for s in g["ids"]]
+    b = collate_rankings(enc, pad_id=0, pack_len=10)
+    # 5 sequences of 5, 4, 6, 6, 8 tokens: first-fit decreasing needs 3 rows of <= 10
+    assert b.ids.shape == (3, 10) and b.segment_ids.shape == b.ids.shape
+    assert b.ranking.tolist() == [[1, 0, 2], [0, 1, -1]] and b.group_sizes.tolist() == [3, 2]
+    seen = set()
+    for i, s in enumerate(flat):
+        r, end = int(b.row[i]), int(b.last_idx[i])
+        got = b.ids[r, end - len(s) + 1:end + 1].tolist()
+        assert got == s and b.ids[r, end] == 2  # the whole sequence, read at its EOS
+        sid = b.segment_ids[r, end - len(s) + 1:end + 1]
+        assert (sid == sid[0]).all() and sid[0] > 0 and (r, int(sid[0])) not in seen
+        seen.add((r, int(sid[0])))
+    assert int((b.segment_ids > 0).sum()) == sum(len(s) for s in flat)  # nothing else is real
+    with pytest.raises(ValueError, match="pack_len=7"):
+        collate_rankings(enc, pad_id=0, pack_len=7)
+
+
+def test_reward_model_packed_scores_equal_padded_scores():
+    from engine.config import GPTConfig
+    from engine.model import RewardModel
+    from recipes.rm import group_rewards
+    torch.manual_seed(0)
+    rm = RewardModel(GPTConfig(n_layer=2, d_model=32, n_head=2, d_head=16, block_size=32,
+                               vocab_size=64, window=4, dropout=0.0)).eval()
+    g = torch.Generator().manual_seed(1)
+    groups = []
+    for k in range(5):  # groups of 2-4 completions, lengths 3..14, one shared prompt each
+        p = torch.randint(3, 64, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+        ids = [p + torch.randint(3, 64, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist() + [2]
+               for _ in range(2 + k % 3)]
+        groups.append({"ids": ids, "last_idx": [len(s) - 1 for s in ids], "ranking": list(range(len(ids)))})
+    with torch.no_grad():
+        padded = group_rewards(rm, collate_rankings(groups, 0))
+        packed_b = collate_rankings(groups, 0, pack_len=32)
+        packed = group_rewards(rm, packed_b)
+    assert packed_b.ids.numel() < collate_rankings(groups, 0).ids.numel()
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed == 0, padded == 0)  # group padding slots hold 0 in both layouts
+
+
 def test_rankings_real_data_batch_feeds_ranking_loss():
     from engine.losses import ranking_loss
     from engine.tokenizer import Tokenizer

@@ -102,3 +102,31 @@ def test_packed_backward_equals_sum_of_examples(monkeypatch, backend):
         (lp * torch.tensor([m[1:]])).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(packed[n], p.grad, rtol=1e-4, atol=1e-5, msg=lambda s: f"{n}: {s}")
+
+
+def test_rollout_trim_drops_shared_padding_and_keeps_every_token_quantity():
+    """A PPO minibatch trimmed of its all-padding columns gives the same logprobs, values and
+    RM scores as the full-width rollout (positions come from kv_start, pads are masked)."""
+    from engine.model import RewardModel
+    from engine.rollout import Rollout, policy_logprobs, score_responses, values
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, d_model=32, n_head=2, d_head=16, block_size=32, vocab_size=50,
+                    window=4, dropout=0.0)
+    policy, rm = GPT(cfg).eval(), RewardModel(cfg).eval()
+    P, R, pad = 7, 6, 0
+    prompt_lens, resp_lens = [5, 3, 6], [2, 4, 3]  # every row has >= 1 left pad; R - 4 columns unused
+    seq = torch.full((3, P + R), pad, dtype=torch.long)
+    mask = torch.zeros(3, R)
+    for b, (pl, rl) in enumerate(zip(prompt_lens, resp_lens)):
+        seq[b, P - pl:P + rl] = torch.randint(3, 50, (pl + rl,))
+        mask[b, :rl] = 1
+    roll = Rollout(seq, torch.tensor([P - n for n in prompt_lens]), P, mask, torch.zeros(3, R),
+                   ["p"] * 3, ["r"] * 3, torch.zeros(3, dtype=torch.bool))
+    t = roll.trim()
+    assert t.seq.shape == (3, 6 + 4) and t.prompt_len == 6 and t.kv_start.tolist() == [1, 3, 0]
+    assert torch.equal(t.mask, mask[:, :4]) and torch.equal(t.last_idx - t.prompt_len, roll.last_idx - P)
+    with torch.no_grad():
+        torch.testing.assert_close(policy_logprobs(policy, t), policy_logprobs(policy, roll)[:, :4])
+        torch.testing.assert_close(values(rm, t), values(rm, roll)[:, :4])
+        torch.testing.assert_close(score_responses(rm, t), score_responses(rm, roll))
+    assert t.trim() is t  # nothing left to trim

@@ -1,5 +1,5 @@
 // Schemas of the engine's C++ ops. The CPU kernels are registered next to their code
-// (linear_logprobs.cpp, linear_kl.cpp, gae.cpp), the CUDA GAE in gae_cuda.cu (separate build),
+// (linear_logprobs.cpp, linear_kl.cpp, gae.cpp, gelu.cpp), the CUDA GAE in gae_cuda.cu (separate build),
 // and the fake (meta) kernels plus autograd in kernels/_cpp.py.
 #include <torch/library.h>
 
@@ -21,4 +21,7 @@ TORCH_LIBRARY(engine_ops, m) {
   // -> (advantages [B, T], returns [B, T]) fp32
   m.def("gae(Tensor rewards, Tensor values, Tensor mask, float gamma, float lam)"
         " -> (Tensor, Tensor)");
+  // tanh-approximate GELU, fp32 [any shape]
+  m.def("gelu_tanh_fwd(Tensor x) -> Tensor");
+  m.def("gelu_tanh_bwd(Tensor grad, Tensor x) -> Tensor");
 }

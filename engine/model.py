@@ -112,6 +112,13 @@ class Attention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+class GELU(nn.Module):
+    """kernels.gelu as a module: the C++ op on CPU fp32, F.gelu(approximate="tanh") otherwise."""
+
+    def forward(self, x):
+        return kernels.gelu(x)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
@@ -120,7 +127,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.mlp = nn.Sequential()
         self.mlp.c_fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
-        self.mlp.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.mlp.gelu = GELU()  # GPT-2's "gelu_new" (tanh approximation)
         self.mlp.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 

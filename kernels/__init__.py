@@ -5,6 +5,7 @@
     linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False)
     linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, temperature=1.0)
     gae(rewards, values, mask, *, gamma, lam)
+    gelu(x)                      # tanh-approximate GELU (C++ op on CPU fp32)
 
 Backend choice (ENGINE_KERNELS=auto|ref|triton|cpp|torch, default auto):
   auto   CUDA tensors -> Triton; CPU tensors -> C++ op from csrc/ when it builds,
@@ -25,12 +26,13 @@ import torch
 
 from .attention import attention_ref
 from .gae import gae_ref
+from .gelu import gelu_ref, gelu_torch
 from .kl import linear_kl_ref
 from .logprob import linear_logprobs_ref
 
 __all__ = ["attention", "attention_backend", "segment_positions", "linear_logprobs", "linear_kl",
-           "gae", "backend",
-           "attention_ref", "linear_logprobs_ref", "linear_kl_ref", "gae_ref"]
+           "gae", "gelu", "backend",
+           "attention_ref", "linear_logprobs_ref", "linear_kl_ref", "gae_ref", "gelu_ref"]
 
 _VALID = ("auto", "ref", "triton", "cpp", "torch")
 
@@ -187,3 +189,15 @@ def gae(rewards, values, mask, *, gamma, lam):
     returns = advantages + values (0 on padding).
     """
     return _impl("gae", rewards)(rewards, values, mask, gamma=gamma, lam=lam)
+
+
+def gelu(x):
+    """GPT-2's tanh GELU, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), same shape and dtype.
+    CPU fp32 under auto/cpp: the C++ op of csrc/gelu.cpp; ref: gelu_ref; otherwise (CUDA, 16-bit,
+    torch, triton) F.gelu(approximate="tanh")."""
+    b = backend(x)
+    if b == "ref":
+        return gelu_ref(x)
+    if b == "cpp" and not x.is_cuda and x.dtype == torch.float32:
+        return _mod("_cpp").gelu_tanh(x)
+    return gelu_torch(x)

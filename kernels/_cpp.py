@@ -3,13 +3,15 @@
     linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False)
     linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, temperature=1.0)
     gae(rewards, values, mask, *, gamma, lam)
+    gelu_tanh(x)
     gae_cuda(rewards, values, mask, *, gamma, lam)   # CUDA tensors; csrc/gae_cuda.cu
     available() -> bool
 
 Exact semantics are those of linear_logprobs_ref (kernels/logprob.py), linear_kl_ref
-(kernels/kl.py) and gae_ref (kernels/gae.py); the formulas are repeated at the top of each
-csrc/*.cpp file. The C++ kernels are registered as torch ops `engine_ops::linear_logprobs_fwd`,
-`linear_logprobs_bwd`, `linear_kl_fwd`, `linear_kl_bwd` and `gae` (schemas in csrc/ops.cpp).
+(kernels/kl.py), gae_ref (kernels/gae.py) and gelu_ref (kernels/gelu.py); the formulas are
+repeated at the top of each csrc/*.cpp file. The C++ kernels are registered as torch ops
+`engine_ops::linear_logprobs_fwd`, `linear_logprobs_bwd`, `linear_kl_fwd`, `linear_kl_bwd`, `gae`,
+`gelu_tanh_fwd` and `gelu_tanh_bwd` (schemas in csrc/ops.cpp).
 This module adds fake (meta) kernels so torch.compile can trace them, and autograd formulas
 (torch.library.register_autograd) that call the *_bwd ops.
 
@@ -45,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "linear_logprobs", "linear_kl", "gae", "gae_cuda", "build_info"]
+__all__ = ["available", "linear_logprobs", "linear_kl", "gae", "gelu_tanh", "gae_cuda", "build_info"]
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _CFLAGS = ["-O3", "-fopenmp"]
@@ -160,6 +162,23 @@ def _register_python_side():
     def _(grad_logp, grad_kl, hidden, weight, ref_hidden, ref_weight, targets, lse, eu, temperature):
         return torch.empty_like(hidden), torch.empty_like(weight)
 
+    @torch.library.register_fake(lib + "gelu_tanh_fwd")
+    def _(x):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(lib + "gelu_tanh_bwd")
+    def _(grad, x):
+        return torch.empty_like(x)
+
+    def gelu_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def gelu_backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return torch.ops.engine_ops.gelu_tanh_bwd(g.contiguous(), x)
+
+    torch.library.register_autograd(lib + "gelu_tanh_fwd", gelu_backward, setup_context=gelu_setup)
+
     @torch.library.register_fake(lib + "gae")
     def _(rewards, values, mask, gamma, lam):
         return (rewards.new_empty(rewards.shape, dtype=torch.float32),
@@ -250,6 +269,14 @@ def linear_kl(hidden, weight, ref_hidden, ref_weight, targets, *, temperature=1.
         _f32(hidden), _f32(weight), _f32(ref_hidden.detach()), _f32(ref_weight.detach()),
         targets, float(temperature))
     return logp, ref_logp, kl
+
+
+def gelu_tanh(x):
+    """C++ version of kernels.gelu_ref (tanh approximation): same shape; fp32 compute and output."""
+    if x.is_cuda:
+        raise ValueError("engine C++ gelu_tanh runs on CPU tensors only")
+    _require()
+    return torch.ops.engine_ops.gelu_tanh_fwd(_f32(x))
 
 
 def gae(rewards, values, mask, *, gamma, lam):

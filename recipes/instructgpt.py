@@ -50,6 +50,7 @@ class WorldSection:
 @dataclass
 class StageSteps:
     pretrain: int = 200
+    pretrain_lr: float = 2e-3
     sft: int = 250
     rm_epochs: float = 2.0
     ppo: int = 28                  # PPO iterations (each ppo.batch_size episodes)
@@ -190,7 +191,7 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
 
     # --- 1. pretrain the base model ----------------------------------------------------------
     pc = stage_cfg(pretrain.PretrainConfig, cfg, data={"path": corpus, "eval_fraction": 0.02, "tokenizer": tok_path})
-    pc.train.max_steps, pc.train.batch_size, pc.train.lr = cfg.steps.pretrain, 32, 2e-3
+    pc.train.max_steps, pc.train.batch_size, pc.train.lr = cfg.steps.pretrain, 32, cfg.steps.pretrain_lr
     pc.train.warmup_steps, pc.train.eval_every, pc.train.ckpt_every = 20, 0, 200
     timed("pretrain", lambda: pretrain.run(pc, d.format("pretrain")))
     tok = Tokenizer.load(d.format("pretrain"))

@@ -265,6 +265,8 @@ def test_opcheck():
         (ops.linear_logprobs_fwd.default, (h.requires_grad_(), w.requires_grad_(), t, 0.7)),
         (ops.linear_kl_fwd.default, (leaf(h), leaf(w), hr, wr, t, 1.0)),
         (ops.gae.default, (torch.randn(3, 9), torch.randn(3, 9), torch.rand(3, 9) > 0.3, 0.9, 0.8)),
+        (ops.gelu_tanh_fwd.default, (torch.randn(5, 7, requires_grad=True),)),
+        (ops.gelu_tanh_bwd.default, (torch.randn(5, 7), torch.randn(5, 7))),
     ]
     lp, ent, lse = ops.linear_logprobs_fwd(h.detach(), w.detach(), t, 0.7)
     cases.append((ops.linear_logprobs_bwd.default, (g, g, h.detach(), w.detach(), t, lse, ent, 0.7)))
@@ -292,6 +294,59 @@ def test_compile_fullgraph():
     out_e.backward()
     assert torch.equal(out_c, out_e)
     assert torch.equal(h1.grad, h2.grad) and torch.equal(w1.grad, w2.grad)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 37), (2, 5, 1031), (40000,)])
+def test_gelu_fwd_bwd_against_fp64(shape):
+    """Odd sizes (vector tails, several OpenMP chunks), the tails of the function (|x| up to 30,
+    where fast_exp saturates) and a random upstream gradient, against the fp64 formula."""
+    from kernels.gelu import gelu_ref
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 4
+    x.view(-1)[:2] = torch.tensor([-30.0, 30.0], dtype=torch.float64)[: x.numel()]
+    up = torch.randn(shape, generator=g, dtype=torch.float64)
+    xf = x.float().requires_grad_()
+    y = _cpp.gelu_tanh(xf)
+    y.backward(up.float())
+    x64 = x.clone().requires_grad_()
+    gelu_ref(x64).backward(up)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    close(y, gelu_ref(x), atol=2e-6, rtol=2e-6)
+    close(xf.grad, x64.grad, atol=2e-6, rtol=2e-6)
+    # deterministic: elementwise, so any thread count gives the same bits
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = _cpp.gelu_tanh(xf.detach())
+        d1 = torch.ops.engine_ops.gelu_tanh_bwd(up.float(), xf.detach())
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(y1, y.detach()) and torch.equal(d1, xf.grad)
+
+
+def test_gelu_dispatch_and_model_activation(monkeypatch):
+    """kernels.gelu takes the C++ op for CPU fp32 (ENGINE_KERNELS=auto), F.gelu for bf16 (dtype
+    kept) and under ENGINE_KERNELS=torch; the model's MLP uses it."""
+    import kernels
+    from engine import GPT, GPTConfig
+    x = torch.randn(4, 33)
+    assert torch.equal(kernels.gelu(x), _cpp.gelu_tanh(x))
+    xb = x.bfloat16()
+    assert kernels.gelu(xb).dtype == torch.bfloat16
+    assert torch.equal(kernels.gelu(xb), torch.nn.functional.gelu(xb, approximate="tanh"))
+    monkeypatch.setenv("ENGINE_KERNELS", "torch")
+    assert torch.equal(kernels.gelu(x), torch.nn.functional.gelu(x, approximate="tanh"))
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, d_model=32, n_head=2, d_head=16, block_size=16, vocab_size=40,
+                      window=None, dropout=0.0))
+    idx = torch.randint(0, 40, (2, 16))
+    want = m(idx[:, :-1], targets=idx[:, 1:])
+    monkeypatch.setenv("ENGINE_KERNELS", "auto")
+    calls = []
+    monkeypatch.setattr(_cpp, "gelu_tanh", lambda t: calls.append(t.shape) or torch.ops.engine_ops.gelu_tanh_fwd(t))
+    got = m(idx[:, :-1], targets=idx[:, 1:])
+    assert len(calls) == 2  # one per block
+    close(got, want, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -117,3 +117,26 @@ def test_progress_line_has_step_elapsed_and_eta():
     resumed.t0 = time.time() - 100
     resumed.update(60)
     assert "ETA 6m40s" in resumed.line()  # 10 steps in 100 s, 40 left
+
+
+def test_prose_loss_is_the_token_mean_over_whole_rows():
+    """The alignment-tax loss: batched rows give the mean of the row-by-row NLLs (all rows have
+    T tokens), on rows = min(n_tokens, len - 1) // T windows of the held-out stream."""
+    import numpy as np
+    import torch
+    from engine.config import GPTConfig
+    from engine.data import TokenStream
+    from engine.model import GPT
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, d_model=16, n_head=2, d_head=8, block_size=8, vocab_size=30,
+                      window=None, dropout=0.0)).eval()
+    toks = np.random.default_rng(0).integers(0, 30, 8 * 37 + 5).astype(np.uint16)
+    x = torch.as_tensor(toks.astype("int64"))
+    with torch.no_grad():
+        got = evaluate.prose_loss(m, TokenStream(toks), n_tokens=10_000, T=8)
+        want = torch.stack([-m(x[i * 8:(i + 1) * 8][None], targets=x[i * 8 + 1:(i + 1) * 8 + 1][None]).mean()
+                            for i in range(37)]).mean()
+        assert got == pytest.approx(float(want), rel=1e-5)
+        two = torch.stack([-m(x[i * 8:(i + 1) * 8][None], targets=x[i * 8 + 1:(i + 1) * 8 + 1][None]).mean()
+                           for i in range(2)]).mean()
+        assert evaluate.prose_loss(m, TokenStream(toks), n_tokens=16, T=8) == pytest.approx(float(two), rel=1e-5)

@@ -91,12 +91,13 @@ class ModelSection:
     preset: str = "tiny"
     init: str = ""                   # checkpoint dir (GPT.save format or trainer ckpt) to start from
     dropout: float | None = None     # None: the preset's value
+    n_layer: int | None = None       # None: the preset's depth
     block_size: int | None = None
     vocab_size: int | None = None    # None: taken from the tokenizer when there is one
     window: int | None = None
 
     def gpt_config(self, **extra) -> GPTConfig:
-        over = {k: getattr(self, k) for k in ("dropout", "block_size", "vocab_size", "window")
+        over = {k: getattr(self, k) for k in ("dropout", "n_layer", "block_size", "vocab_size", "window")
                 if getattr(self, k) is not None}
         return GPTConfig.from_preset(self.preset, **{**over, **extra})
 

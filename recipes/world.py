@@ -382,11 +382,14 @@ class World:
         return " " + decorate(core, self._decoration_for(p, rng))
 
     def rm_candidates(self, p: Prompt, samples: list[str], rng: random.Random,
-                      n_redecorated: int = 1, n_truncated: int = 1, n_corrupted: int = 1) -> list[str]:
+                      n_redecorated: int = 1, n_truncated: int = 1, n_corrupted: int = 1,
+                      n_corrected: int = 0) -> list[str]:
         """Reward-model candidates: the samples, re-decorated copies (another decoration or
-        none), truncated copies and corrupted copies (the core answer made wrong, decoration
-        kept), so the RM sees unasked decoration, too-short answers and, on every prompt, a
-        wrong answer next to the samples -- the contrast it needs to learn correctness."""
+        none), truncated copies, corrupted copies (the core answer made wrong, decoration
+        kept) and corrected copies (the right answer with a sample's decoration, like a
+        labeler's demonstration in the comparison set), so the RM sees unasked decoration,
+        too-short answers and, on every prompt, a wrong answer next to a right one -- the
+        contrast it needs to learn correctness even where every sample is wrong."""
         out, src = list(samples), list(samples) or [" "]
         for _ in range(n_redecorated):
             core, decos = strip_decoration(rng.choice(src))
@@ -399,6 +402,9 @@ class World:
             core, decos = strip_decoration(rng.choice(src))
             wrong = self._corrupt(p.answer if core == p.answer or not core else core, rng)
             out.append(" " + decorate(wrong, next(iter(decos), None)))
+        for _ in range(n_corrected if p.answer is not None else 0):
+            _, decos = strip_decoration(rng.choice(src))
+            out.append(" " + decorate(p.answer, next(iter(decos), None)))
         return out
 
 

@@ -203,6 +203,18 @@ def test_rm_candidates_add_decorated_truncated_and_corrupted(world):
     assert len(world.rm_candidates(p, [], rng)) == 3
 
 
+def test_rm_candidates_corrected_copy_is_right_and_keeps_decoration(world):
+    rng = random.Random(2)
+    for _ in range(20):
+        p = _find(world, "reverse", constraint="brackets")
+        wrong = " " + decorate("x y", "brackets")
+        cands = world.rm_candidates(p, [wrong] * 3, rng, n_corrected=1)
+        assert len(cands) == 7 and not any(world.correct(p, c) for c in cands[:6])
+        assert world.correct(p, cands[6]) and strip_decoration(cands[6])[1] == {"brackets"}
+    h = _find(world, "harmful", harmful=True)  # no right answer to write
+    assert len(world.rm_candidates(h, [" Sorry, I can't help."] * 3, rng, n_corrected=1)) == 5
+
+
 def test_win_rate(world):
     ps = world.prompts(600, "eval")
     labs = world.labelers(heldout=True)

@@ -135,6 +135,22 @@ def rm_accuracy(reward_model, tok, path, T, device) -> float:
     return rm.evaluate(reward_model, groups, tok.pad_id, device, pack_len=T)["accuracy"]
 
 
+def labeler_ceiling(world, prompts, records) -> float:
+    """How often the world's noise-free score orders a labeler-ranked pair the labeler's way
+    (ties count 1/2): the accuracy of a perfect reward model on the same pairs as
+    `rm_accuracy`, i.e. its ceiling under the labelers' noise."""
+    agree, n = 0.0, 0
+    for p, rec in zip(prompts, records):
+        total = [world.quality(p, c)["total"] for c in rec["completions"]]
+        rk = rec["ranking"]
+        for i in range(len(rk)):
+            for j in range(len(rk)):
+                if rk[i] < rk[j]:
+                    n += 1
+                    agree += 1.0 if total[i] > total[j] else 0.5 if total[i] == total[j] else 0.0
+    return agree / max(n, 1)
+
+
 @torch.no_grad()
 def rm_dimension_accuracy(reward_model, tok, world, prompts, path, T, device) -> dict:
     """What the RM learned: for each quality dimension, over candidate pairs of the same prompt
@@ -250,7 +266,10 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
               for k in ("train_labelers", "heldout_labelers")}
     rm_dims = rm_dimension_accuracy(reward_model, tok, world, world.prompts(cfg.world.rm_eval_prompts, "eval"),
                                     os.path.join(data, "rm_eval_heldout_labelers.jsonl"), cfg.data.seq_len, device)
-    dist.print0(f"[instructgpt] RM accuracy on held-out prompts: {rm_acc}")
+    ev_prompts = world.prompts(cfg.world.rm_eval_prompts, "eval")
+    rm_ceiling = {k: labeler_ceiling(world, ev_prompts, load_rankings(os.path.join(data, f"rm_eval_{k}.jsonl")))
+                  for k in ("train_labelers", "heldout_labelers")}
+    dist.print0(f"[instructgpt] RM accuracy on held-out prompts: {rm_acc} (a perfect RM: {rm_ceiling})")
 
     # --- 4. PPO and PPO-ptx from the same SFT policy and RM -----------------------------------
     write_jsonl(os.path.join(data, "ppo.jsonl"), [{"prompt": p.text} for p in world.prompts(cfg.world.ppo_prompts, "ppo")])
@@ -281,6 +300,7 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     walls["total"] = round(time.time() - t_start, 1)
     report = build_report(res, rm_acc, walls, cfg)
     report["rm_accuracy_by_dimension"] = rm_dims
+    report["rm_ceiling"] = rm_ceiling
     if dist.is_main():
         write_report(report, res, out)
     return report
@@ -331,7 +351,8 @@ def write_report(report, res, out):
         f"{report['machine']}; {report['date']}; total wall time {report['wall_time_s']['total']} s.", "",
         *rows, "",
         f"RM pairwise accuracy on held-out prompts: training labelers {report['rm_accuracy']['train_labelers']:.3f}, "
-        f"held-out labelers {report['rm_accuracy']['heldout_labelers']:.3f}.",
+        f"held-out labelers {report['rm_accuracy']['heldout_labelers']:.3f} (a perfect reward model, the world's "
+        f"noise-free score: {report['rm_ceiling']['train_labelers']:.3f} / {report['rm_ceiling']['heldout_labelers']:.3f}).",
         f"Alignment tax (held-out prose loss vs SFT, nats/token): PPO {tax['ppo']['prose_loss_delta']:+.3f}, "
         f"PPO-ptx {tax['ppo_ptx']['prose_loss_delta']:+.3f}; task accuracy vs SFT: PPO "
         f"{tax['ppo']['accuracy_delta']:+.3f}, PPO-ptx {tax['ppo_ptx']['accuracy_delta']:+.3f}.",

@@ -30,6 +30,7 @@ METRICS = {
     "win_ppo_ptx_vs_sft_greedy": ("win_rate_vs_sft_greedy.ppo_ptx.mean", True),
     "rm_acc_heldout_labelers": ("rm_accuracy.heldout_labelers", True),
     "rm_acc_train_labelers": ("rm_accuracy.train_labelers", True),
+    "rm_ceiling_heldout_labelers": ("rm_ceiling.heldout_labelers", True),
     "acc_sft": ("per_model.sft.accuracy", True),
     "acc_sft_greedy": ("per_model.sft.accuracy_greedy", True),
     "acc_ppo": ("per_model.ppo.accuracy", True),
@@ -54,7 +55,10 @@ BARS = {
 
 
 def _get(d: dict, path: str):
+    """The value at a dotted path; NaN when a report predates that metric."""
     for k in path.split("."):
+        if not isinstance(d, dict) or k not in d:
+            return math.nan
         d = d[k]
     return d
 
@@ -62,7 +66,7 @@ def _get(d: dict, path: str):
 def interval(xs: list[float]) -> dict:
     """Mean and 95% t-interval of the per-seed values (no interval for one seed)."""
     n, mean = len(xs), statistics.fmean(xs)
-    if n < 2:
+    if n < 2 or any(math.isnan(x) for x in xs):
         return {"mean": mean, "lo": float("nan"), "hi": float("nan"), "n": n}
     t = _T95.get(n - 1) or _T95[max(k for k in _T95 if k <= n - 1)]
     half = t * statistics.stdev(xs) / math.sqrt(n)

@@ -268,3 +268,21 @@ def test_corrupted_answers_keep_the_format(world):
         assert wrong != p.answer and not world.correct(p, " " + wrong)
         if p.task in ("reverse", "upper"):
             assert re.fullmatch(r"\S( \S)*", wrong), wrong  # still spaced single letters
+
+
+def test_labeler_ceiling_is_a_perfect_rm_accuracy(world):
+    """The noise-free score agrees with a noise-free labeler on every strict pair, with the
+    reversed ranking on none, and ties in the score count one half."""
+    from recipes.instructgpt import labeler_ceiling
+    ps = [p for p in world.prompts(60, "eval") if not p.harmful][:20]
+    recs = []
+    for p in ps:
+        cands = [" " + p.answer, " " + decorate(p.answer, "bang"), " zz", " "]
+        total = [world.quality(p, c)["total"] for c in cands]
+        order = sorted(set(total), reverse=True)
+        recs.append({"completions": cands, "ranking": [order.index(t) for t in total]})
+    assert labeler_ceiling(world, ps, recs) == 1.0
+    worst = [dict(r, ranking=[max(r["ranking"]) - k for k in r["ranking"]]) for r in recs]
+    assert labeler_ceiling(world, ps, worst) == 0.0
+    p = ps[0]  # two different strings with the same score: the ranked pair counts 1/2
+    assert labeler_ceiling(world, [p], [{"completions": [" zz", " zy"], "ranking": [0, 1]}]) == 0.5

@@ -40,7 +40,8 @@ class Rollout:
         """The same episodes without the columns that are padding in every row: the left pads
         all prompts share and the response columns after the longest response. Positions and
         attention depend only on kv_start, so every per-token quantity is unchanged (bar float
-        rounding of other GEMM shapes); a minibatch of random episodes is often 20-40% padding."""
+        rounding of other GEMM shapes). It pays when lengths vary within a minibatch; on the
+        miniature world 32 random episodes nearly always span the full width (measured: no gain)."""
         k0 = int(self.kv_start.min()) if len(self.kv_start) else 0
         R = max(1, int(self.mask.sum(1).max())) if self.mask.numel() else self.mask.shape[1]
         if k0 == 0 and R == self.mask.shape[1]:

@@ -270,14 +270,11 @@ def pack(seqs, seq_len: int, pad_id: int, *, return_segments: bool = False):
     ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), seq_len), dtype=torch.bool)
     seg = torch.zeros((len(rows), seq_len), dtype=torch.long)
-    for r, members in enumerate(rows):
-        pos = 0
-        for s_id, i in enumerate(members, start=1):
-            n = lengths[i]
-            ids[r, pos:pos + n] = torch.as_tensor(seqs[i][0], dtype=torch.long)
-            mask[r, pos:pos + n] = torch.as_tensor(seqs[i][1], dtype=torch.bool)
-            seg[r, pos:pos + n] = s_id
-            pos += n
+    for i, (r, pos, s_id) in enumerate(_layout(rows, lengths)):
+        n = lengths[i]
+        ids[r, pos:pos + n] = torch.as_tensor(seqs[i][0], dtype=torch.long)
+        mask[r, pos:pos + n] = torch.as_tensor(seqs[i][1], dtype=torch.bool)
+        seg[r, pos:pos + n] = s_id
     return (ids, mask, seg) if return_segments else (ids, mask)
 
 
@@ -294,6 +291,18 @@ def _first_fit(lengths: list[int], seq_len: int) -> list[list[int]]:
         rows[r].append(i)
         free[r] -= lengths[i]
     return rows
+
+
+def _layout(rows: list[list[int]], lengths: list[int]) -> list[tuple[int, int, int]]:
+    """(row, first column, segment id 1, 2, ...) of each example, in example order, for the
+    rows of `_first_fit`: a row's members sit back to back in their order there."""
+    place = [(0, 0, 0)] * len(lengths)
+    for r, members in enumerate(rows):
+        pos = 0
+        for s_id, i in enumerate(members, start=1):
+            place[i] = (r, pos, s_id)
+            pos += lengths[i]
+    return place
 
 
 def segments_from_eos(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -365,21 +374,17 @@ def collate_rankings(batch: list[dict], pad_id: int, pack_len: int | None = None
         if too_long is not None:
             raise ValueError(f"collate_rankings: sequence {too_long} has {len(seqs[too_long])} tokens "
                              f"> pack_len={pack_len}")
-        members = _first_fit([len(s) for s in seqs], pack_len)
-        T = max(sum(len(seqs[i]) for i in m) for m in members)
+        lengths = [len(s) for s in seqs]
+        members = _first_fit(lengths, pack_len)
+        place = _layout(members, lengths)
+        T = max(pos + n for (_, pos, _), n in zip(place, lengths))  # no column that only pads
         ids = torch.full((len(members), T), pad_id, dtype=torch.long)
         seg = torch.zeros((len(members), T), dtype=torch.long)
-        row, start = [0] * len(seqs), [0] * len(seqs)
-        for r, m in enumerate(members):
-            pos = 0
-            for s_id, i in enumerate(m, start=1):
-                n = len(seqs[i])
-                ids[r, pos:pos + n] = torch.as_tensor(seqs[i], dtype=torch.long)
-                seg[r, pos:pos + n] = s_id
-                row[i], start[i] = r, pos
-                pos += n
-        return RankingBatch(ids, torch.tensor(last, dtype=torch.long) + torch.tensor(start, dtype=torch.long),
-                            ranking, sizes, seg, torch.tensor(row, dtype=torch.long))
+        for s, (r, pos, s_id) in zip(seqs, place):
+            ids[r, pos:pos + len(s)] = torch.as_tensor(s, dtype=torch.long)
+            seg[r, pos:pos + len(s)] = s_id
+        row, start = (torch.tensor(c, dtype=torch.long) for c in list(zip(*place))[:2])
+        return RankingBatch(ids, torch.tensor(last, dtype=torch.long) + start, ranking, sizes, seg, row)
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):

@@ -241,6 +241,7 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
 
     # --- 3. comparisons from SFT samples ranked by (training) labelers; RM training ----------
     train_labs, heldout_labs = world.labelers(False, cfg.eval.labelers), world.labelers(True, cfg.eval.labelers)
+    ev_prompts = world.prompts(cfg.world.rm_eval_prompts, "eval")  # the held-out RM sets' prompts
 
     def rm_data():  # SFT samples ranked by labelers: the RM's training set and two held-out sets
         bar = Progress(2, 0, "rm_data", cfg.train.progress and dist.is_main())
@@ -248,8 +249,7 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
                               n_corrected=cfg.world.rm_corrected)
         write_jsonl(os.path.join(data, "rm.jsonl"), train)
         bar.update(1, file="rm.jsonl")
-        ev = make_rm_data(world, sft_model, tok, world.prompts(cfg.world.rm_eval_prompts, "eval"),
-                          [train_labs, heldout_labs], cfg, 2)
+        ev = make_rm_data(world, sft_model, tok, ev_prompts, [train_labs, heldout_labs], cfg, 2)
         for name, rows in zip(("rm_eval_train_labelers", "rm_eval_heldout_labelers"), ev):
             write_jsonl(os.path.join(data, f"{name}.jsonl"), rows)
         bar.update(2, file="rm_eval_*.jsonl")
@@ -264,9 +264,8 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     reward_model = rm.load_reward_model(d.format("rm"), device).eval()
     rm_acc = {k: rm_accuracy(reward_model, tok, os.path.join(data, f"rm_eval_{k}.jsonl"), cfg.data.seq_len, device)
               for k in ("train_labelers", "heldout_labelers")}
-    rm_dims = rm_dimension_accuracy(reward_model, tok, world, world.prompts(cfg.world.rm_eval_prompts, "eval"),
+    rm_dims = rm_dimension_accuracy(reward_model, tok, world, ev_prompts,
                                     os.path.join(data, "rm_eval_heldout_labelers.jsonl"), cfg.data.seq_len, device)
-    ev_prompts = world.prompts(cfg.world.rm_eval_prompts, "eval")
     rm_ceiling = {k: labeler_ceiling(world, ev_prompts, load_rankings(os.path.join(data, f"rm_eval_{k}.jsonl")))
                   for k in ("train_labelers", "heldout_labelers")}
     dist.print0(f"[instructgpt] RM accuracy on held-out prompts: {rm_acc} (a perfect RM: {rm_ceiling})")

@@ -23,6 +23,8 @@ BENCHMARKS = {
                              "peak memory, PPO generation/training split"),
     "ppo_vs_trl": ("bench.ppo_vs_trl", "one PPO iteration, recipes.ppo vs TRL 1.12 PPOTrainer on the "
                                        "same shapes (CPU): episodes/s, ratio, generate/score/train split"),
+    "ppo_profile": ("bench.ppo_profile", "torch.profiler split of one recipes.ppo iteration (ppo_vs_trl "
+                                         "shapes): GEMM / attention / engine ops / other ops / overhead"),
     "ceilings": ("bench.ceilings", "device ceilings: a large bf16 (CPU: fp32) matmul in TFLOP/s and a "
                                    "device-to-device copy in GB/s"),
 }

@@ -77,7 +77,7 @@ if [ "$DRY" = 1 ]; then
   done
   echo "total cap: ${TOTAL} s"
   echo "environment: TRITON_INTERPRET=$TRITON_INTERPRET GPU_CHUNK_BYTES=$GPU_CHUNK_BYTES PYTHONPATH=$PYTHONPATH"
-  [ "$MODE" = bench ] && echo "not in bench: ceilings (in check), ppo_vs_trl (a CPU comparison)"
+  [ "$MODE" = bench ] && echo "not in bench: ceilings (in check), ppo_vs_trl and ppo_profile (CPU benchmarks)"
   if [ "$TOTAL" -gt "$BUDGET_S" ]; then echo "caps exceed the budget" >&2; exit 1; fi
   exit 0
 fi

@@ -191,9 +191,17 @@ def worker_ours(a) -> dict:
         clock.mark("score1")
         return out
 
+    prof = {"n": 0}
+
     def timed_log(self, row, progress=None):
         log(self, row, progress)
         clock.end_iteration(**last_roll)
+        prof["n"] += 1
+        if a.profile and prof["n"] == a.warmup:  # bench.ppo_profile: profile the next iteration
+            from .ppo_profile import start
+            prof["stop"] = start()
+        elif "stop" in prof and "split" not in prof:
+            prof["split"] = prof["stop"]()
 
     rp.sample_episodes, rp.make_experience = timed_sample, timed_experience
     engine.trainer.Trainer.log = timed_log
@@ -210,7 +218,8 @@ def worker_ours(a) -> dict:
     clock.last_end = time.perf_counter()  # the warm-up iteration's "other" includes set-up: dropped
     rp.run(cfg, str(tmp / "run"))
     return {"iters": clock.iters[a.warmup:], "threads_used": torch.get_num_threads(),
-            "torch": torch.__version__, "impl": "recipes.ppo", "optimizer": "2x torch.optim.AdamW"}
+            "torch": torch.__version__, "impl": "recipes.ppo", "optimizer": "2x torch.optim.AdamW",
+            "profile": prof.get("split")}
 
 
 # ----------------------------------------------------------------------------- TRL's side
@@ -299,11 +308,12 @@ def worker_trl(a) -> dict:
 
 # ----------------------------------------------------------------------------- the driver
 
-def _spawn(side: str, py: str, sh: dict, threads: int, seed: int, out: Path, timeout: float):
+def _spawn(side: str, py: str, sh: dict, threads: int, seed: int, out: Path, timeout: float,
+           extra=()):
     cmd = [py, "-m", "bench.ppo_vs_trl", "--worker", side, "--json", str(out), "--threads", str(threads),
            "--seed", str(seed)] + [f"--{k.replace('_', '-')}={sh[k]}" for k in
                                    ("batch", "prompt_len", "resp_len", "epochs", "minibatches",
-                                    "temperature", "warmup", "iters")]
+                                    "temperature", "warmup", "iters")] + list(extra)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -415,6 +425,7 @@ def main(argv=None) -> int:
     for k in ("batch", "prompt-len", "resp-len", "epochs", "minibatches", "warmup", "iters"):
         p.add_argument(f"--{k}", type=int, required=True)
     p.add_argument("--temperature", type=float, required=True)
+    p.add_argument("--profile", action="store_true", help="ours: torch.profiler split (bench.ppo_profile)")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ppo_vs_trl_") as tmp:
         a.tmp = tmp

@@ -28,7 +28,7 @@ import torch
 
 import engine
 from engine.config import GPTConfig, TrainConfig
-from engine.model import build
+from engine.model import build, compile_blocks
 from engine.losses import ppo_policy_loss, ranking_loss, sft_loss, value_loss
 from engine.ppo import compute_advantages, shaped_rewards
 from engine.rollout import generate_responses, policy_logprobs, score_responses, values
@@ -136,10 +136,12 @@ def _timed(run, step, n):
 
 # ----------------------------------------------------------------------------- stages
 
-def bench_sft(run, cfg, preset, shape, dev, tmp):
+def bench_sft(run, cfg, preset, shape, dev, tmp, compiled=False):
     B, T = shape["B"], shape["T"]
     torch.manual_seed(0)
     model = build(engine.GPT, cfg, dev).train()
+    if compiled:
+        compile_blocks(model)
     tr = _trainer(model, tmp)
     x = torch.randint(0, cfg.vocab_size, (B, T + 1), device=dev)
     idx, tgt = x[:, :-1], x[:, 1:]
@@ -151,9 +153,19 @@ def bench_sft(run, cfg, preset, shape, dev, tmp):
 
     step = lambda: tr.update([None], loss_fn)  # noqa: E731
     warm, n = n_steps(run)
-    time_calls(step, dev, warm)
+    t0 = _now()
+    time_calls(step, dev, max(warm, 2))  # compiled: the first calls compile (fwd, then bwd)
+    first_s = _now() - t0
     times, mem = _timed(run, step, n)
-    return _row(run, preset, "sft", shape, times, B * T, B * T * train_flops_per_token(cfg, T), mem)
+    extra = {"provider": "engine+compile", "compile_s": round(first_s, 2)} if compiled else None
+    return _row(run, preset, "sft", shape, times, B * T, B * T * train_flops_per_token(cfg, T), mem,
+                extra)
+
+
+def bench_sft_compile(run, cfg, preset, shape, dev, tmp):
+    """The sft step with train.compile (engine.model.compile_blocks, Inductor); compile_s is
+    the time of the warm-up steps, which include compiling."""
+    return bench_sft(run, cfg, preset, shape, dev, tmp, compiled=True)
 
 
 def bench_rm(run, cfg, preset, shape, dev, tmp):
@@ -253,15 +265,17 @@ def _now():
     return time.perf_counter()
 
 
-STAGES = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo}
+STAGES = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "sft_compile": bench_sft_compile}
+OPT_IN = {"sft_compile"}  # cold torch.compile costs minutes on a GPU machine: only when named
 
 
 def run(run):
     dev = run.device
     for preset, stages in configs(run):
         cfg = GPTConfig.from_preset(preset, dropout=0.0)
+        stages = {**stages, "sft_compile": stages["sft"]}
         for stage, shape in stages.items():
-            if not run.want(stage):
+            if not run.want(stage) or (stage in OPT_IN and not run.providers):
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 try:

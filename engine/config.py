@@ -137,6 +137,8 @@ class TrainConfig:
     progress: bool = True
     threads: int = 0                 # CPU threads per process; 0 = cores // local processes
     tensorboard: bool = False        # also write metrics.jsonl rows as TensorBoard scalars (<run>/tb/)
+    compile: bool = False            # torch.compile each Block (engine.model.compile_blocks); off by
+                                     # default: measured no faster on CPU (bench steps --compile)
 
 
 @dataclass

@@ -130,10 +130,48 @@ class Block(nn.Module):
         self.mlp.gelu = GELU()  # GPT-2's "gelu_new" (tanh approximation)
         self.mlp.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.compiled = None  # set by compile_blocks: cache-free calls run through torch.compile
 
     def forward(self, x, kv_start=None, cache=None, segment_ids=None):
+        if self.compiled is not None and cache is None:
+            return _compiled_block(self.compiled)(self, x, kv_start, segment_ids)
+        return self.body(x, kv_start, cache, segment_ids)
+
+    def body(self, x, kv_start=None, cache=None, segment_ids=None):
+        # not forward: the compiled function calls this directly, so module hooks (FSDP's
+        # unshard, checkpoint wrappers) run once, eagerly, in __call__ around it
         x = x + self.drop(self.attn(self.ln_1(x), kv_start, cache, segment_ids))
         return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_block(key: tuple):
+    """One torch.compile'd function per set of compile options, shared by every Block: Dynamo
+    lifts each block's parameters as graph inputs (inlined nn.Modules), so blocks of one shape
+    share the compiled code instead of compiling once per layer."""
+    fn = _COMPILED.get(key)
+    if fn is None:
+        def block_fn(block, x, kv_start, segment_ids):
+            return block.body(x, kv_start, None, segment_ids)
+        fn = _COMPILED[key] = torch.compile(block_fn, **dict(key))
+    return fn
+
+
+def compile_blocks(model: nn.Module, enabled: bool = True, **options) -> nn.Module:
+    """torch.compile every transformer Block of `model` (GPT, RewardModel, wrapped or not) for
+    the cache-free forward: training, scoring, evaluation. Decoding with a KV cache stays eager
+    (its fixed-shape step has its own `compile_decode`). Parameters, state_dict keys and
+    copies of the model are unchanged: a field on each Block routes its calls through a shared
+    compiled function. `options` go to torch.compile (e.g. backend="aot_eager" in tests)."""
+    if enabled:
+        kernels.backend(torch.empty(0))  # load the C++ ops eagerly: their loader does not trace
+    key = tuple(sorted(options.items())) if enabled else None
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.compiled = key
+    return model
 
 
 class GPT(SaveLoad, nn.Module):

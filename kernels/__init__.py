@@ -51,9 +51,16 @@ def backend(t, has_cpp=True):
     return "torch"
 
 
+_MODS: dict = {}
+
+
 def _mod(name):
     # importlib, not `from . import gae`: the package attribute `gae` is the function below.
-    return importlib.import_module(f"{__name__}.{name}")
+    # Cached in a dict: under torch.compile a dict lookup traces, importlib graph-breaks.
+    m = _MODS.get(name)
+    if m is None:
+        m = _MODS[name] = importlib.import_module(f"{__name__}.{name}")
+    return m
 
 
 def _cpp_available() -> bool:

@@ -68,10 +68,12 @@ Caution:
 """
 import logging
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
+from torch import Tensor
 
 from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_delta
 from .attention_fwd import _attn_fwd
@@ -176,12 +178,15 @@ def attention_torch(q, k, v, *, causal=True, window=None, scale=None, kv_start=N
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     mask = attention_mask(Tq, Tk, causal=causal, window=window, kv_start=kv_start,
                           segment_ids=segment_ids, device=q.device)
-    has_key = mask.any(-1, keepdim=True)                         # [*, 1, Tq, 1]
-    if bool(has_key.all()):
+    if kv_start is None and Tq == Tk:
+        # every query sees at least itself (its own position, inside its own segment)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    # SDPA backends disagree on empty rows (NaN or 0); let such rows see key 0, then zero them.
-    # Multiplying by 0 also sends a zero upstream gradient into SDPA for those rows, so their
-    # dQ is exactly 0 and they add nothing to dK, dV.
+    # Left-padded queries can see no key. SDPA backends disagree on empty rows (NaN or 0); let
+    # such rows see key 0, then zero them. Multiplying by 0 also sends a zero upstream gradient
+    # into SDPA for those rows, so their dQ is exactly 0 and they add nothing to dK, dV. Done
+    # without testing whether any row is empty: that test is a host sync (and a torch.compile
+    # graph break) on every call.
+    has_key = mask.any(-1, keepdim=True)                         # [*, 1, Tq, 1]
     j0 = torch.arange(Tk, device=q.device) == 0
     mask = mask | (~has_key & j0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -344,12 +349,65 @@ class _AttentionFn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+# torch.library ops for torch.compile: Dynamo sees one opaque op with a fake (shape-only) kernel,
+# so it neither graph-breaks on the launcher nor traces its host-side tile lookup. Eager calls
+# keep _AttentionFn (no dispatcher overhead on each decode step); both run _forward/_backward.
+
+@torch.library.custom_op("engine_triton::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: Optional[int],
+                      scale: Optional[float], kv_start: Optional[Tensor],
+                      segment_ids: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, causal, window, scale, kv_start, segment_ids)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, causal, window, scale, kv_start, segment_ids):
+    B, H, Tq, D = q.shape
+    return q.new_empty(B, H, Tq, D), q.new_empty(B * H, Tq, dtype=torch.float32)
+
+
+@torch.library.custom_op("engine_triton::attention_bwd", mutates_args=())
+def _attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                      causal: bool, window: Optional[int], scale: Optional[float],
+                      kv_start: Optional[Tensor], segment_ids: Optional[Tensor]
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _backward(do, q, k, v, o, lse, causal, window, scale, kv_start, segment_ids)
+    return (dq.clone() if dq is q else dq), dk, dv
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, causal, window, scale, kv_start, segment_ids):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_op_setup(ctx, inputs, output):
+    q, k, v, causal, window, scale, kv_start, segment_ids = inputs
+    ctx.save_for_backward(q, k, v, *output, kv_start, segment_ids)
+    ctx.args = (causal, window, scale)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_op_backward(ctx, do, _dlse):
+    q, k, v, o, lse, kv_start, segment_ids = ctx.saved_tensors
+    dq, dk, dv = torch.ops.engine_triton.attention_bwd(do.contiguous(), q, k, v, o, lse, *ctx.args,
+                                                       kv_start, segment_ids)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_attention_op_backward, setup_context=_attention_op_setup)
+
+
 def attention_triton(q, k, v, *, causal=True, window=None, scale=None, kv_start=None,
                      segment_ids=None):
-    """Flash attention (Triton) forward + backward; see the module docstring for the formula."""
+    """Flash attention (Triton) forward + backward; see the module docstring for the formula.
+    Under torch.compile the call is the torch.library op engine_triton::attention_fwd."""
     _check(q, k, v, window, kv_start, segment_ids)
     if q.shape[2] == 0:
         return q.new_zeros(q.shape)
+    if torch.compiler.is_compiling():
+        return torch.ops.engine_triton.attention_fwd(
+            q, k, v, bool(causal), None if window is None else int(window),
+            None if scale is None else float(scale), kv_start, segment_ids)[0]
     return _AttentionFn.apply(q, k, v, causal, window, scale, kv_start, segment_ids)
 
 

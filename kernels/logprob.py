@@ -112,11 +112,12 @@ def check_inputs(hidden, weight, targets, temperature):
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     targets = targets.long()
-    if targets.is_cuda and os.environ.get("ENGINE_DEBUG", "0") in ("", "0"):
+    if torch.compiler.is_compiling() or (targets.is_cuda and os.environ.get("ENGINE_DEBUG", "0") in ("", "0")):
         # The range check reads a flag back from the device: a host sync on every training
         # forward. On CUDA it runs only with ENGINE_DEBUG=1 (token ids come from the tokenizer);
         # a target out of range then gives a wrong logprob in the Triton kernels (they compare
         # column ids with it, never index by it) and a device-side assert in the torch paths.
+        # Under torch.compile it is skipped too (a data-dependent branch breaks the graph).
         return targets
     bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= v))
     if bool(bad.any()):

@@ -155,6 +155,16 @@ def check_same_tokenizer(tok, model, path: str, what: str) -> None:
 
 
 def build_model(cfg, tok, device, cls=None):
+    """GPT (or RewardModel via `cls`) with weights from model.init (see `_build_model`), its
+    Blocks compiled when train.compile is set."""
+    model = _build_model(cfg, tok, device, cls)
+    if getattr(cfg.train, "compile", False):
+        from engine.model import compile_blocks
+        compile_blocks(model)
+    return model
+
+
+def _build_model(cfg, tok, device, cls=None):
     """GPT (or RewardModel via `cls`) with weights from model.init.
 
     model.init may be a run folder (its model/ is used), a model folder written by `.save()`, a

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 import kernels
 from engine import dist, precision
@@ -31,6 +32,7 @@ from engine.config import DataSection, DistSection, ModelSection, TrainConfig, s
 from engine.data import TokenStream, load_prompts, load_text
 from engine.losses import ppo_policy_loss, ptx_loss, value_loss
 from engine.metrics import Progress
+from engine.model import compile_blocks
 from engine.ppo import (AdaptiveKLController, FixedKLController, PPOConfig, RunningMoments,
                         compute_advantages, ema_decay_at, ema_update, shaped_rewards)
 from engine.rollout import Rollout, generate_responses, policy_logprobs, score_responses, values
@@ -210,6 +212,8 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.rl.ema else None
     rm = load_reward_model(cfg.rl.rm, device, tok=tok).eval().requires_grad_(False)
     value_model = load_reward_model(cfg.rl.value_init or cfg.rl.rm, device, tok=tok)
+    if cfg.train.compile:  # the policy (and its copies) came compiled from build_model
+        compile_blocks(rm), compile_blocks(value_model)
     ptx = None
     if cfg.rl.ptx_path and p.ptx_coef > 0:
         ptx = TokenStream.from_text(load_text(cfg.rl.ptx_path), tok)
@@ -285,10 +289,13 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
             it, t0 = trainer.step, time.perf_counter()
             trainer.seed_step(it)
             g = common.step_generator(cfg, it, 0)  # ptx batches
-            roll = sample_episodes(policy, tok, prompts, cfg, it, B, G)
+            with record_function("ppo/generate"):  # regions of bench ppo_profile's split
+                roll = sample_episodes(policy, tok, prompts, cfg, it, B, G)
             t_gen = time.perf_counter() - t0
             epochs = [minibatch_order(cfg, it, e, B, G, mbs) for e in range(p.ppo_epochs)]
-            exp = make_experience(policy, ref, rm, value_model, roll, cfg, kl_ctl.value, epochs[0], moments)
+            with record_function("ppo/experience"):
+                exp = make_experience(policy, ref, rm, value_model, roll, cfg, kl_ctl.value, epochs[0],
+                                      moments)
             t_exp = time.perf_counter() - t0 - t_gen  # includes the wait for the device (it syncs)
             # critic warmup: the first iterations train only the value model, so the policy's first
             # updates see advantages from a fitted critic instead of the RM-initialised one
@@ -307,10 +314,12 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
                         x, y = ptx.batch(ptx_n // world, ptx_T, g)
                         ptx_batch = (x.to(device), y.to(device))
                     mb = (mb_roll, mb_exp, ptx_batch, share)
-                    s1 = {} if warm else trainer.update([mb], policy_step, model=pw,
-                                                        optimizer=trainer.optimizers["model"], lr=lr)
-                    s2 = trainer.update([mb], value_step, model=vw, optimizer=trainer.optimizers["value"],
-                                        lr=p.value_lr * (1.0 if warm else lr_factor(pit, p)))
+                    with record_function("ppo/policy_update"):
+                        s1 = {} if warm else trainer.update([mb], policy_step, model=pw,
+                                                            optimizer=trainer.optimizers["model"], lr=lr)
+                    with record_function("ppo/value_update"):
+                        s2 = trainer.update([mb], value_step, model=vw, optimizer=trainer.optimizers["value"],
+                                            lr=p.value_lr * (1.0 if warm else lr_factor(pit, p)))
                     stats.setdefault("first_ratio", s1.get("ratio", float("nan")))
                     for k, v in {**s1, **{f"value_{k}": v for k, v in s2.items()}}.items():
                         stats.setdefault(k, []).append(v)

@@ -130,7 +130,7 @@ def test_gpu_suite_dry_run_fits_four_minutes(mode, tmp_path):
             assert f in cmds
     else:
         from bench import BENCHMARKS
-        for name in set(BENCHMARKS) - {"ppo_vs_trl", "ceilings"}:  # CPU-only / run by check
+        for name in set(BENCHMARKS) - {"ppo_vs_trl", "ppo_profile", "ceilings"}:  # CPU-only / by check
             assert re.search(rf"bench(\.gpu_check bench)? {name} --device cuda", cmds), name
         assert "bench.report" in cmds
     # files under $OUT: the log, a CSV per benchmark step, gpu_tests.xml / README.md: at most 8
@@ -192,3 +192,50 @@ def test_ppo_vs_trl_tiny_runs_both_sides(tmp_path):
     assert abs(float(rows["engine"]["speedup_vs_baseline"]) - ratio) < 1e-3 * ratio
     assert rows["trl"]["baseline"] == "trl" and float(rows["trl"]["speedup_vs_baseline"]) == 1.0
     assert float(rows["engine"]["paired_ratio_median"]) == pytest.approx(ratio, rel=1e-3)  # one round
+
+
+# ----------------------------------------------------------------------------- ppo_profile
+
+def test_ppo_profile_split_partitions_each_region():
+    from types import SimpleNamespace as E
+
+    from bench.ppo_profile import REGIONS, split
+
+    def ev(name, total, self_t, kids=()):
+        return E(name=name, cpu_time_total=total, self_cpu_time_total=self_t, cpu_children=list(kids))
+    mm = ev("aten::mm", 500, 500)
+    lin = ev("aten::linear", 620, 20, [ev("aten::t", 5, 5), mm])
+    bwd = ev("autograd::engine::evaluate_function: MmBackward0", 400, 30,
+             [ev("aten::mm", 300, 300), ev("engine_ops::gelu_tanh_bwd", 70, 70)])
+    sdpa = ev("aten::scaled_dot_product_attention", 200, 10,
+              [ev("aten::_scaled_dot_product_flash_attention_for_cpu", 190, 190)])
+    upd = ev("ppo/policy_update", 1500, 280, [lin, bwd, sdpa])
+    gen = ev("ppo/generate", 100, 100)
+    out = split([gen, upd, lin, mm, bwd, sdpa], total_us=2000)
+    u = out["ppo/policy_update"]
+    assert u["calls"] == 1 and u["wall"] == 1.5
+    assert u["gemm"] == 0.8 and u["attention"] == 0.2 and u["engine"] == 0.07
+    assert u["other_ops"] == pytest.approx(0.025)              # linear's and t's own time
+    assert u["overhead"] == pytest.approx(1.5 - 0.8 - 0.2 - 0.07 - 0.025)
+    assert out["ppo/generate"]["overhead"] == 0.1            # no operator inside
+    assert out["other"]["wall"] == pytest.approx(2.0 - 1.5 - 0.1) and out["iteration"]["wall"] == 2.0
+    assert set(REGIONS) <= set(out)
+
+
+def test_ppo_profile_tiny_runs_the_recipe(tmp_path):
+    p = _bench("ppo_profile", "--tiny", "--device", "cpu", "--threads", "1", "--results-dir", str(tmp_path),
+               timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = {r["region"]: r for r in csv.DictReader(open(tmp_path / "ppo_profile.csv"))}
+    regions = ("ppo/generate", "ppo/experience", "ppo/policy_update", "ppo/value_update")
+    assert set(rows) == {*regions, "other", "iteration"}
+    it = float(rows["iteration"]["wall_ms"])
+    assert sum(float(rows[r]["wall_ms"]) for r in (*regions, "other")) == pytest.approx(it, abs=0.01)  # CSV rounding
+    for r in regions:
+        row = {k: float(rows[r][k]) for k in ("wall_ms", "gemm_ms", "attention_ms", "engine_ms",
+                                              "other_ops_ms", "overhead_ms")}
+        assert row["wall_ms"] > 0 and int(rows[r]["calls"]) >= 1
+        parts = sum(row[f"{c}_ms"] for c in ("gemm", "attention", "engine", "other_ops", "overhead"))
+        assert parts == pytest.approx(row["wall_ms"], abs=0.01)
+        assert row["gemm_ms"] > 0 and row["overhead_ms"] > -1e-3
+    assert float(rows["ppo/policy_update"]["attention_ms"]) > 0

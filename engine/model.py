@@ -247,9 +247,11 @@ class GPT(SaveLoad, nn.Module):
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, *, kv_start=None, cache=None, temperature=1.0,
-                return_entropy=False, segment_ids=None):
+                return_entropy=False, segment_ids=None, target_start: int = 0):
         """idx [B,T] -> logits [B,T,V]; with targets [B,T]: their log-probs [B,T] fp32 instead,
         through kernels.linear_logprobs (no [B,T,V] tensor; targets == -100 give 0).
+        target_start=s: log-probs of positions s.. only ([B,T-s]; targets may be [B,T] or
+        [B,T-s]), so no LM-head work goes to positions nobody reads (a PPO prompt).
 
         Training code passes targets, so the call goes through a DDP/FSDP wrapper's forward.
         """
@@ -257,6 +259,10 @@ class GPT(SaveLoad, nn.Module):
         if targets is None:
             return F.linear(h, self.lm_head_weight)
         B, T, d = h.shape
+        if targets.shape == (B, T) and target_start:
+            targets = targets[:, target_start:]
+        h = h[:, target_start:]
+        T = h.shape[1]
         if targets.shape != (B, T):
             raise ValueError(f"targets must be [B,T]={B, T}, got {tuple(targets.shape)}")
         out = kernels.linear_logprobs(h.reshape(B * T, d), self.lm_head_weight, targets.reshape(B * T),

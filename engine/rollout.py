@@ -106,12 +106,13 @@ def generate_responses(model, tok, prompts, *, max_new_tokens: int, temperature:
 def policy_logprobs(model, roll: Rollout, *, temperature: float = 1.0, return_entropy: bool = False):
     """[B, R] logprobs of the response tokens under `model` (training forward; grads flow)."""
     P = roll.prompt_len
-    x, y = roll.seq[:, :-1], roll.seq[:, 1:]
+    x, y = roll.seq[:, :-1], roll.seq[:, P:]
+    # the LM head only at the response positions: the prompt's log-probs are never read
     out = model(x, targets=y, kv_start=roll.kv_start, temperature=temperature,
-                return_entropy=return_entropy)
+                return_entropy=return_entropy, target_start=P - 1)
     if return_entropy:
-        return out[0][:, P - 1:] * roll.mask, out[1][:, P - 1:] * roll.mask
-    return out[:, P - 1:] * roll.mask
+        return out[0] * roll.mask, out[1] * roll.mask
+    return out * roll.mask
 
 
 def values(value_model, roll: Rollout) -> torch.Tensor:

@@ -54,8 +54,10 @@ Caution:
   * Interpreter mode (TRITON_INTERPRET=1) is read once, when this module is imported.
 """
 import os
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 try:
     import triton
@@ -412,24 +414,55 @@ def backward_gemms(launch_dz, hidden, weight, need_h, need_w, chunk_cols=None):
     return (dh.to(hidden.dtype) if need_h else None), dw
 
 
+def _triton_fwd(hidden, weight, targets, temperature, with_ent, splits):
+    """-> (logp [N], entropy [N] or [0], lse [N]) fp32."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    bn, bv, bk, warps, stages, prec, upcast = tile_config(hidden.dtype, n)
+    n_split, per = num_splits(n, v, bn, bv, hidden.device, splits)
+    part = torch.empty(4, n_split, n, device=hidden.device, dtype=torch.float32)
+    if n > 0:
+        _fwd_kernel[(triton.cdiv(n, bn), n_split)](
+            hidden, weight, targets, part, n, v, d, hidden.stride(0), weight.stride(0),
+            1.0 / temperature, per, WITH_ENT=with_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
+            PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages)
+    lse, zt, ent = _combine(part, with_ent)
+    valid = targets != IGNORE_INDEX
+    logp = torch.where(valid, zt - lse, 0.0)
+    ent = torch.where(valid, ent, 0.0) if with_ent else torch.empty(0, device=hidden.device)
+    return logp, ent, lse
+
+
+def _triton_bwd(g_logp, g_ent, hidden, weight, targets, lse, ent, temperature, with_ent,
+                need_h, need_w, chunk_cols):
+    """(dh or None, dW or None) for upstream gradients g_logp / g_ent (either may be None)."""
+    n, d = hidden.shape
+    valid = targets != IGNORE_INDEX
+    g_lp = _grads_in(g_logp, lse, valid)
+    if g_lp is None:
+        g_lp = torch.zeros_like(lse)
+    has_ent = with_ent and g_ent is not None
+    g_en = _grads_in(g_ent, lse, valid) if has_ent else g_lp
+    ent_arg = ent if has_ent else lse
+    bn, bv, bk, warps, stages, prec, upcast = tile_config(hidden.dtype, n, BWD_CONFIGS)
+    inv_temp = 1.0 / temperature
+
+    def launch_dz(dz, c0, c1):
+        grid = (triton.cdiv(n, bn) * triton.cdiv(c1 - c0, bv),)
+        _bwd_dz_kernel[grid](hidden, weight[c0:], targets - c0, lse, ent_arg, g_lp, g_en, dz,
+                             n, c1 - c0, d, hidden.stride(0), weight.stride(0), dz.stride(0),
+                             inv_temp, HAS_ENT=has_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
+                             GROUP=GROUP_ROWS, PREC=prec, UPCAST=upcast, num_warps=warps,
+                             num_stages=stages)
+
+    return backward_gemms(launch_dz, hidden, weight, need_h, need_w, chunk_cols)
+
+
 class _LinearLogprobsTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, with_ent, opts):
         hidden, weight = hidden.contiguous(), weight.contiguous()
-        n, d = hidden.shape
-        v = weight.shape[0]
-        bn, bv, bk, warps, stages, prec, upcast = tile_config(hidden.dtype, n)
-        n_split, per = num_splits(n, v, bn, bv, hidden.device, opts.get("splits"))
-        part = torch.empty(4, n_split, n, device=hidden.device, dtype=torch.float32)
-        if n > 0:
-            _fwd_kernel[(triton.cdiv(n, bn), n_split)](
-                hidden, weight, targets, part, n, v, d, hidden.stride(0), weight.stride(0),
-                1.0 / temperature, per, WITH_ENT=with_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
-                PREC=prec, UPCAST=upcast, num_warps=warps, num_stages=stages)
-        lse, zt, ent = _combine(part, with_ent)
-        valid = targets != IGNORE_INDEX
-        logp = torch.where(valid, zt - lse, 0.0)
-        ent = torch.where(valid, ent, 0.0) if with_ent else torch.empty(0, device=hidden.device)
+        logp, ent, lse = _triton_fwd(hidden, weight, targets, temperature, with_ent, opts.get("splits"))
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.temperature, ctx.with_ent, ctx.opts = temperature, with_ent, opts
         ctx.set_materialize_grads(False)
@@ -440,31 +473,70 @@ class _LinearLogprobsTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
-        n, d = hidden.shape
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if n == 0 or (g_logp is None and g_ent is None) or not (need_h or need_w):
+        if hidden.shape[0] == 0 or (g_logp is None and g_ent is None) or not (need_h or need_w):
             return None, None, None, None, None, None
-        valid = targets != IGNORE_INDEX
-        g_lp = _grads_in(g_logp, lse, valid)
-        if g_lp is None:
-            g_lp = torch.zeros_like(lse)
-        has_ent = ctx.with_ent and g_ent is not None
-        g_en = _grads_in(g_ent, lse, valid) if has_ent else g_lp
-        ent_arg = ent if has_ent else lse
-        bn, bv, bk, warps, stages, prec, upcast = tile_config(hidden.dtype, n, BWD_CONFIGS)
-        inv_temp = 1.0 / ctx.temperature
-
-        def launch_dz(dz, c0, c1):
-            grid = (triton.cdiv(n, bn) * triton.cdiv(c1 - c0, bv),)
-            _bwd_dz_kernel[grid](hidden, weight[c0:], targets - c0, lse, ent_arg, g_lp, g_en, dz,
-                                 n, c1 - c0, d, hidden.stride(0), weight.stride(0), dz.stride(0),
-                                 inv_temp, HAS_ENT=has_ent, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk,
-                                 GROUP=GROUP_ROWS, PREC=prec, UPCAST=upcast, num_warps=warps,
-                                 num_stages=stages)
-
-        dh, dw = backward_gemms(launch_dz, hidden, weight, need_h, need_w,
-                                ctx.opts.get("chunk_cols"))
+        dh, dw = _triton_bwd(g_logp, g_ent, hidden, weight, targets, lse, ent, ctx.temperature,
+                             ctx.with_ent, need_h, need_w, ctx.opts.get("chunk_cols"))
         return dh, dw, None, None, None, None
+
+
+# torch.library ops for torch.compile (as in attention.py): one opaque op with a fake kernel;
+# eager calls keep the autograd.Function above.
+
+@torch.library.custom_op("engine_triton::linear_logprobs_fwd", mutates_args=())
+def _lp_fwd_op(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
+               with_ent: bool, splits: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    return _triton_fwd(hidden.contiguous(), weight.contiguous(), targets, temperature, with_ent,
+                       splits)
+
+
+@_lp_fwd_op.register_fake
+def _(hidden, weight, targets, temperature, with_ent, splits):
+    n = hidden.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return hidden.new_empty(n, **f32), hidden.new_empty(n if with_ent else 0, **f32), hidden.new_empty(n, **f32)
+
+
+@torch.library.custom_op("engine_triton::linear_logprobs_bwd", mutates_args=())
+def _lp_bwd_op(g_logp: Optional[Tensor], g_ent: Optional[Tensor], hidden: Tensor, weight: Tensor,
+               targets: Tensor, lse: Tensor, ent: Tensor, temperature: float, with_ent: bool,
+               need_h: bool, need_w: bool, chunk_cols: Optional[int]) -> tuple[Tensor, Tensor]:
+    dh, dw = _triton_bwd(g_logp, g_ent, hidden.contiguous(), weight.contiguous(), targets, lse,
+                         ent, temperature, with_ent, need_h, need_w, chunk_cols)
+    return (dh if need_h else hidden.new_empty(0)), (dw if need_w else weight.new_empty(0))
+
+
+@_lp_bwd_op.register_fake
+def _(g_logp, g_ent, hidden, weight, targets, lse, ent, temperature, with_ent, need_h, need_w,
+      chunk_cols):
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0)), \
+        (torch.empty_like(weight) if need_w else weight.new_empty(0))
+
+
+def _lp_setup(ctx, inputs, output):
+    hidden, weight, targets, temperature, with_ent, _ = inputs
+    logp, ent, lse = output
+    ctx.save_for_backward(hidden, weight, targets, lse, ent)
+    ctx.temperature, ctx.with_ent = temperature, with_ent
+    ctx.mark_non_differentiable(lse)
+    if not with_ent:
+        ctx.mark_non_differentiable(ent)
+    ctx.set_materialize_grads(False)
+
+
+def _lp_backward(ctx, g_logp, g_ent, _g_lse):
+    hidden, weight, targets, lse, ent = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if g_logp is None and g_ent is None or not (need_h or need_w):
+        return None, None, None, None, None, None
+    dh, dw = torch.ops.engine_triton.linear_logprobs_bwd(
+        g_logp, g_ent if ctx.with_ent else None, hidden, weight, targets, lse, ent,
+        ctx.temperature, ctx.with_ent, need_h, need_w, None)
+    return (dh if need_h else None), (dw if need_w else None), None, None, None, None
+
+
+_lp_fwd_op.register_autograd(_lp_backward, setup_context=_lp_setup)
 
 
 def linear_logprobs_triton(hidden, weight, targets, *, temperature=1.0, return_entropy=False,
@@ -476,6 +548,10 @@ def linear_logprobs_triton(hidden, weight, targets, *, temperature=1.0, return_e
     """
     targets = check_inputs(hidden, weight, targets, temperature)
     require_triton(hidden)
+    if torch.compiler.is_compiling():  # the torch.library op (chunk_cols: the GPU default)
+        logp, ent, _ = torch.ops.engine_triton.linear_logprobs_fwd(
+            hidden, weight, targets.contiguous(), float(temperature), bool(return_entropy), splits)
+        return (logp, ent) if return_entropy else logp
     opts = {"splits": splits, "chunk_cols": chunk_cols}
     logp, ent = _LinearLogprobsTriton.apply(hidden, weight, targets.contiguous(),
                                             float(temperature), bool(return_entropy), opts)

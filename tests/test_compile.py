@@ -64,6 +64,47 @@ def test_triton_attention_ops_pass_opcheck():
     torch.testing.assert_close(qg.grad, dq, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("with_ent", [False, True])
+def test_triton_linear_logprobs_compiles_to_one_graph(with_ent, monkeypatch):
+    monkeypatch.setenv("ENGINE_KERNELS", "triton")
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(37, 24, generator=g).to(DEV)
+    w = (0.3 * torch.randn(101, 24, generator=g)).to(DEV)
+    t = torch.randint(0, 101, (37,), generator=g).to(DEV)
+    t[::5] = -100                                             # ignored rows: 0 out, no gradient
+    g_lp, g_en = torch.randn(37, generator=g).to(DEV), torch.randn(37, generator=g).to(DEV)
+
+    def run(fn):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        out = fn(hh, ww)
+        loss = (out[0] * g_lp + out[1] * g_en).sum() if with_ent else (out * g_lp).sum()
+        loss.backward()
+        return [*(out if with_ent else (out,)), hh.grad, ww.grad]
+
+    def fn(hh, ww):
+        return kernels.linear_logprobs(hh, ww, t, temperature=0.7, return_entropy=with_ent)
+
+    eager = run(fn)
+    compiled = run(torch.compile(fn, backend="aot_eager", fullgraph=True))
+    ref = run(lambda hh, ww: kernels.linear_logprobs_ref(hh, ww, t, temperature=0.7, return_entropy=with_ent))
+    for e, c, r in zip(eager, compiled, ref):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
+        torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_linear_logprobs_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(19, 16, generator=g).to(DEV), torch.randn(67, 16, generator=g).to(DEV)
+    t = torch.randint(0, 67, (19,), generator=g).to(DEV)
+    t[3] = -100
+    torch.library.opcheck(torch.ops.engine_triton.linear_logprobs_fwd.default, (h, w, t, 1.3, True, None))
+    logp, ent, lse = torch.ops.engine_triton.linear_logprobs_fwd(h, w, t, 1.3, True, None)
+    gl, ge = torch.randn(19, generator=g).to(DEV), torch.randn(19, generator=g).to(DEV)
+    for args in ((gl, ge, True, True), (gl, None, True, False), (None, ge, False, True)):
+        torch.library.opcheck(torch.ops.engine_triton.linear_logprobs_bwd.default,
+                              (args[0], args[1], h, w, t, lse, ent, 1.3, True, args[2], args[3], None))
+
+
 @pytest.mark.skipif(DEV == "cuda", reason="the SDPA path with explicit masks is the CPU path")
 def test_cpu_attention_with_empty_rows_compiles_without_graph_break(monkeypatch):
     monkeypatch.setenv("ENGINE_KERNELS", "torch")

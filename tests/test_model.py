@@ -102,3 +102,25 @@ def test_shape_errors():
         m(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="targets must be"):
         m(torch.zeros(1, 5, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_target_start_skips_the_lm_head_on_leading_positions():
+    m = model()
+    x = torch.randint(0, 97, (3, 13))
+    y = torch.randint(0, 97, (3, 13))
+    kv0 = torch.tensor([0, 2, 4])
+    full, ent = m(x, y, kv_start=kv0, return_entropy=True)
+    w = torch.randn(3, 8)
+    (full[:, 5:] * w).sum().backward()
+    g_full = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    part, ent_part = m(x, y[:, 5:], kv_start=kv0, return_entropy=True, target_start=5)
+    assert part.shape == (3, 8)
+    torch.testing.assert_close(part, full[:, 5:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent_part, ent[:, 5:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m(x, y, kv_start=kv0, target_start=5), part, rtol=0, atol=0)  # [B,T] targets
+    (part * w).sum().backward()
+    for a, p in zip(g_full, m.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="targets must be"):
+        m(x, y[:, 4:], target_start=5)

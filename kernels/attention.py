@@ -65,6 +65,10 @@ Caution:
     keys); they are not validated on the device. segment_ids must be [B, Tk] integers.
   * The first dense call of each shape on CUDA (auto mode) runs both implementations a few
     times to time them; no timing happens during CUDA-graph capture or torch.compile tracing.
+  * Under torch.compile attention_triton is the torch.library op engine_triton::attention_fwd
+    (fake kernel; backward engine_triton::attention_bwd), so Dynamo does not graph-break on it.
+    attention_torch never reads a tensor on the host (no sync, no graph break): with left
+    padding it always applies the empty-row fix instead of testing for empty rows.
 """
 import logging
 import math

@@ -52,6 +52,9 @@ Caution:
     (a device sync) runs only with ENGINE_DEBUG=1, since it would sync every training forward.
   * The entropy term of the backward is skipped when no gradient reaches the entropy output.
   * Interpreter mode (TRITON_INTERPRET=1) is read once, when this module is imported.
+  * Under torch.compile the Triton path is the torch.library op engine_triton::linear_logprobs_fwd
+    (fake kernel, autograd through engine_triton::linear_logprobs_bwd), so Dynamo does not
+    graph-break on it; the target range check is skipped there (it is a data-dependent branch).
 """
 import os
 from typing import Optional

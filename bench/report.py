@@ -126,7 +126,8 @@ def targets(res: Path) -> str:
         for r in rows:
             if r["status"] == "ok":
                 mfu = _f(r.get("mfu"))
-                out.append(f"- {r['stage']} step, {r['preset']}, {dev}: {_num(r['rate'])} tokens/s, MFU "
+                how = "" if r.get("provider", "engine") == "engine" else f" ({r['provider']})"
+                out.append(f"- {r['stage']} step{how}, {r['preset']}, {dev}: {_num(r['rate'])} tokens/s, MFU "
                            + (f"{mfu * 100:.1f}%" if mfu is not None else "n/a")
                            + (f", generation {_f(r['gen_frac']) * 100:.0f}% of the PPO iteration"
                               if r["stage"] == "ppo" else ""))

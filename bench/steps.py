@@ -282,6 +282,10 @@ def run(run):
                     res = STAGES[stage](run, cfg, preset, shape, dev, tmp)
                 except Exception as e:  # noqa: BLE001 - one stage failing must not hide the others
                     res = e
+            eager = next((r for r in run.rows if r.get("stage") == "sft" and r.get("provider") == "engine"
+                          and r.get("preset") == preset and r.get("status") == "ok"), None)
+            if stage == "sft_compile" and isinstance(res, dict) and eager is not None:
+                res.update(baseline="engine", speedup_vs_baseline=eager["median_ms"] / res["median_ms"])
             row = _record(run, preset, stage, shape, res)
             run.write([row])
             free_memory(dev)

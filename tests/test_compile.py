@@ -27,6 +27,14 @@ def _qkvd(B, H, T, D, seed=0):
     return [torch.randn(B, H, T, D, generator=g).to(DEV) for _ in range(4)]
 
 
+def _three_ways(kw, qkvd):
+    """(out, dq, dk, dv) of kernels.attention eager, compiled to one graph, and the reference."""
+    def fn(a, b, c):
+        return kernels.attention(a, b, c, **kw)
+    return (_grads(fn, *qkvd), _grads(torch.compile(fn, backend="aot_eager", fullgraph=True), *qkvd),
+            _grads(lambda a, b, c: kernels.attention_ref(a, b, c, **kw), *qkvd))
+
+
 # window + left padding (batch 1's first 11 queries see no key), and packed segments
 KW = [dict(window=7, kv_start=torch.tensor([0, 11])),
       dict(segment_ids=torch.tensor([[0] * 8 + [1] * 11, [3] * 19]))]
@@ -37,14 +45,7 @@ def test_triton_attention_compiles_to_one_graph(kw, monkeypatch):
     monkeypatch.setenv("ENGINE_KERNELS", "triton")
     kw = {k: v.to(DEV) if torch.is_tensor(v) else v for k, v in kw.items()} | {"causal": True}
     kw.setdefault("window", None)
-    q, k, v, do = _qkvd(2, 2, 19, 16)
-
-    def fn(a, b, c):
-        return kernels.attention(a, b, c, **kw)
-
-    eager = _grads(fn, q, k, v, do)
-    compiled = _grads(torch.compile(fn, backend="aot_eager", fullgraph=True), q, k, v, do)
-    ref = _grads(lambda a, b, c: kernels.attention_ref(a, b, c, **kw), q, k, v, do)
+    eager, compiled, ref = _three_ways(kw, _qkvd(2, 2, 19, 16))
     for e, c, r in zip(eager, compiled, ref):
         torch.testing.assert_close(c, e, rtol=0, atol=0)   # the same kernels run
         torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-4)
@@ -108,15 +109,8 @@ def test_triton_linear_logprobs_ops_pass_opcheck():
 @pytest.mark.skipif(DEV == "cuda", reason="the SDPA path with explicit masks is the CPU path")
 def test_cpu_attention_with_empty_rows_compiles_without_graph_break(monkeypatch):
     monkeypatch.setenv("ENGINE_KERNELS", "torch")
-    q, k, v, do = _qkvd(2, 3, 13, 8, seed=2)
     kw = dict(causal=True, window=4, kv_start=torch.tensor([2, 9]))
-
-    def fn(a, b, c):
-        return kernels.attention(a, b, c, **kw)
-
-    eager = _grads(fn, q, k, v, do)
-    compiled = _grads(torch.compile(fn, backend="aot_eager", fullgraph=True), q, k, v, do)
-    ref = _grads(lambda a, b, c: kernels.attention_ref(a, b, c, **kw), q, k, v, do)
+    eager, compiled, ref = _three_ways(kw, _qkvd(2, 3, 13, 8, seed=2))
     for e, c, r in zip(eager, compiled, ref):
         torch.testing.assert_close(c, r, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(e, r, rtol=1e-5, atol=1e-5)

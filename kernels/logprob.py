@@ -52,9 +52,9 @@ Caution:
     (a device sync) runs only with ENGINE_DEBUG=1, since it would sync every training forward.
   * The entropy term of the backward is skipped when no gradient reaches the entropy output.
   * Interpreter mode (TRITON_INTERPRET=1) is read once, when this module is imported.
-  * Under torch.compile the Triton path is the torch.library op engine_triton::linear_logprobs_fwd
-    (fake kernel, autograd through engine_triton::linear_logprobs_bwd), so Dynamo does not
-    graph-break on it; the target range check is skipped there (it is a data-dependent branch).
+  * The Triton path is the torch.library op engine_triton::linear_logprobs_fwd (fake kernel,
+    autograd through engine_triton::linear_logprobs_bwd), so torch.compile does not graph-break
+    on it; under compile the target range check is skipped (a data-dependent branch).
 """
 import os
 from typing import Optional
@@ -461,41 +461,21 @@ def _triton_bwd(g_logp, g_ent, hidden, weight, targets, lse, ent, temperature, w
     return backward_gemms(launch_dz, hidden, weight, need_h, need_w, chunk_cols)
 
 
-class _LinearLogprobsTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_ent, opts):
-        hidden, weight = hidden.contiguous(), weight.contiguous()
-        logp, ent, lse = _triton_fwd(hidden, weight, targets, temperature, with_ent, opts.get("splits"))
-        ctx.save_for_backward(hidden, weight, targets, lse, ent)
-        ctx.temperature, ctx.with_ent, ctx.opts = temperature, with_ent, opts
-        ctx.set_materialize_grads(False)
-        if not with_ent:
-            ctx.mark_non_differentiable(ent)
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        hidden, weight, targets, lse, ent = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if hidden.shape[0] == 0 or (g_logp is None and g_ent is None) or not (need_h or need_w):
-            return None, None, None, None, None, None
-        dh, dw = _triton_bwd(g_logp, g_ent, hidden, weight, targets, lse, ent, ctx.temperature,
-                             ctx.with_ent, need_h, need_w, ctx.opts.get("chunk_cols"))
-        return dh, dw, None, None, None, None
-
-
-# torch.library ops for torch.compile (as in attention.py): one opaque op with a fake kernel;
-# eager calls keep the autograd.Function above.
+# The Triton path is a torch.library op (fake kernel, autograd through the backward op), in
+# eager mode as under torch.compile, where Dynamo then sees one opaque op instead of tracing the
+# launcher. (Attention keeps an autograd.Function for eager calls: it runs once per decode step,
+# where the dispatcher's overhead would show; this op runs once per training forward.)
 
 @torch.library.custom_op("engine_triton::linear_logprobs_fwd", mutates_args=())
 def _lp_fwd_op(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float,
-               with_ent: bool, splits: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+               with_ent: bool, splits: Optional[int], chunk_cols: Optional[int]
+               ) -> tuple[Tensor, Tensor, Tensor]:
     return _triton_fwd(hidden.contiguous(), weight.contiguous(), targets, temperature, with_ent,
                        splits)
 
 
 @_lp_fwd_op.register_fake
-def _(hidden, weight, targets, temperature, with_ent, splits):
+def _(hidden, weight, targets, temperature, with_ent, splits, chunk_cols):
     n = hidden.shape[0]
     f32 = dict(dtype=torch.float32)
     return hidden.new_empty(n, **f32), hidden.new_empty(n if with_ent else 0, **f32), hidden.new_empty(n, **f32)
@@ -518,10 +498,10 @@ def _(g_logp, g_ent, hidden, weight, targets, lse, ent, temperature, with_ent, n
 
 
 def _lp_setup(ctx, inputs, output):
-    hidden, weight, targets, temperature, with_ent, _ = inputs
+    hidden, weight, targets, temperature, with_ent, _, chunk_cols = inputs
     logp, ent, lse = output
     ctx.save_for_backward(hidden, weight, targets, lse, ent)
-    ctx.temperature, ctx.with_ent = temperature, with_ent
+    ctx.temperature, ctx.with_ent, ctx.chunk_cols = temperature, with_ent, chunk_cols
     ctx.mark_non_differentiable(lse)
     if not with_ent:
         ctx.mark_non_differentiable(ent)
@@ -531,12 +511,15 @@ def _lp_setup(ctx, inputs, output):
 def _lp_backward(ctx, g_logp, g_ent, _g_lse):
     hidden, weight, targets, lse, ent = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    none = (None,) * 5
     if g_logp is None and g_ent is None or not (need_h or need_w):
-        return None, None, None, None, None, None
+        return None, None, *none
+    if hidden.shape[0] == 0:
+        return (torch.zeros_like(hidden) if need_h else None), (torch.zeros_like(weight) if need_w else None), *none
     dh, dw = torch.ops.engine_triton.linear_logprobs_bwd(
         g_logp, g_ent if ctx.with_ent else None, hidden, weight, targets, lse, ent,
-        ctx.temperature, ctx.with_ent, need_h, need_w, None)
-    return (dh if need_h else None), (dw if need_w else None), None, None, None, None
+        ctx.temperature, ctx.with_ent, need_h, need_w, ctx.chunk_cols)
+    return (dh if need_h else None), (dw if need_w else None), *none
 
 
 _lp_fwd_op.register_autograd(_lp_backward, setup_context=_lp_setup)
@@ -551,13 +534,9 @@ def linear_logprobs_triton(hidden, weight, targets, *, temperature=1.0, return_e
     """
     targets = check_inputs(hidden, weight, targets, temperature)
     require_triton(hidden)
-    if torch.compiler.is_compiling():  # the torch.library op (chunk_cols: the GPU default)
-        logp, ent, _ = torch.ops.engine_triton.linear_logprobs_fwd(
-            hidden, weight, targets.contiguous(), float(temperature), bool(return_entropy), splits)
-        return (logp, ent) if return_entropy else logp
-    opts = {"splits": splits, "chunk_cols": chunk_cols}
-    logp, ent = _LinearLogprobsTriton.apply(hidden, weight, targets.contiguous(),
-                                            float(temperature), bool(return_entropy), opts)
+    logp, ent, _ = torch.ops.engine_triton.linear_logprobs_fwd(
+        hidden, weight, targets.contiguous(), float(temperature), bool(return_entropy), splits,
+        chunk_cols)
     return (logp, ent) if return_entropy else logp
 
 

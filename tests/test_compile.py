@@ -98,8 +98,8 @@ def test_triton_linear_logprobs_ops_pass_opcheck():
     h, w = torch.randn(19, 16, generator=g).to(DEV), torch.randn(67, 16, generator=g).to(DEV)
     t = torch.randint(0, 67, (19,), generator=g).to(DEV)
     t[3] = -100
-    torch.library.opcheck(torch.ops.engine_triton.linear_logprobs_fwd.default, (h, w, t, 1.3, True, None))
-    logp, ent, lse = torch.ops.engine_triton.linear_logprobs_fwd(h, w, t, 1.3, True, None)
+    torch.library.opcheck(torch.ops.engine_triton.linear_logprobs_fwd.default, (h, w, t, 1.3, True, None, 64))
+    logp, ent, lse = torch.ops.engine_triton.linear_logprobs_fwd(h, w, t, 1.3, True, None, None)
     gl, ge = torch.randn(19, generator=g).to(DEV), torch.randn(19, generator=g).to(DEV)
     for args in ((gl, ge, True, True), (gl, None, True, False), (None, ge, False, True)):
         torch.library.opcheck(torch.ops.engine_triton.linear_logprobs_bwd.default,

@@ -375,8 +375,7 @@ def _attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, ls
                       causal: bool, window: Optional[int], scale: Optional[float],
                       kv_start: Optional[Tensor], segment_ids: Optional[Tensor]
                       ) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _backward(do, q, k, v, o, lse, causal, window, scale, kv_start, segment_ids)
-    return (dq.clone() if dq is q else dq), dk, dv
+    return _backward(do, q, k, v, o, lse, causal, window, scale, kv_start, segment_ids)
 
 
 @_attention_bwd_op.register_fake

@@ -5,6 +5,11 @@ that op: peak RSS after forward + backward minus the current RSS once the inputs
 log_softmax(hidden @ W.T) would need 4096 * 50257 * 4 B = 823 MB for the logits alone (and ~3x
 that for fwd + bwd); the fused paths may only add the gradients (weight.grad 154 MB, hidden.grad
 13 MB) plus O(chunk) temporaries.
+
+The limit is half the logits, not a tight fit to one machine: the live tensors are ~200 MB (grads
+167 MB + two 16 MB chunk buffers), and what BLAS workspaces and the allocator keep resident on top
+varies with the CPU (212 MB measured on an AMD EPYC, up to 338 MB on an Intel Xeon CI machine).
+Materialising one [N, V] logits tensor (823 MB) fails it on every machine.
 """
 import json
 import os
@@ -20,7 +25,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 ROOT = Path(__file__).resolve().parent.parent
 N, D, V = 4096, 768, 50257
 LOGITS_MB = N * V * 4 / 1e6  # 823 MB
-LIMIT_MB = 300.0
+LIMIT_MB = LOGITS_MB / 2  # 411 MB
 
 SCRIPT = r"""
 import json, resource, sys, time

@@ -84,10 +84,12 @@ P_SLOPPY = 0.1          # ... and decorate an unconstrained answer
 P_PRETRAIN_RIGHT = 0.4  # pretraining Q/A items answered correctly (the rest: wrong, chatter...)
 P_EVAL_KEY = 0.15       # share of instance keys reserved for the eval split
 P_HELDOUT_TEMPLATE = 0.25  # share of eval prompts phrased with held-out templates
+SCREEN_POOL = 3         # candidates screened per hired training labeler (World.labelers)
 
 # Quality dimensions and the mean labeler's weights; Labeler weights scatter around these.
-# The scale is set against the labelers' noise sd U(0.05, 0.2) so that two labelers agree
-# on ~0.8 of pairs of policy-like samples (the paper: ~0.73-0.77).
+# The scale is set against the labelers' noise sd U(0.05, 0.2) so that two unscreened labelers
+# agree on 0.82-0.85 of pairs of two policy-like samples (the paper: ~0.73-0.77 on its harder
+# comparisons); the screened training labelers agree on 0.88-0.90 (seeds 0-4).
 # Correctness is the largest benign term, so the reward model has a reason to learn it.
 WEIGHTS = {"correct": 0.3, "closeness": 0.1, "constraint": 0.12, "decoration": 0.2,
            "toxic": 0.5, "refusal": 0.3, "length": 0.12}
@@ -356,14 +358,55 @@ class World:
         return q
 
     def labelers(self, heldout: bool = False, n: int = 4) -> list["Labeler"]:
-        """n simulated labelers; held-out ones have other ids and independent draws of the
-        same distribution: weights WEIGHTS * U(0.5, 1.5), noise sd s ~ U(0.05, 0.2)."""
+        """n simulated labelers: weights WEIGHTS * U(0.5, 1.5), noise sd s ~ U(0.05, 0.2).
+
+        Training labelers are hired as in the paper (App. B.1: applicants took a screening test
+        and those who agreed most with the researchers were kept): SCREEN_POOL * n candidates,
+        keeping the n with the highest `screening_agreement`. Held-out labelers are plain draws
+        of the same distribution with other ids, so the judges of the evaluation are not picked
+        to agree with anyone. Why: without screening one seed (world seed 1) hired three
+        labelers who weigh constraints 0.06-0.08 under noise 0.10-0.19, and its RM never learnt
+        constraints (agreement 0.51 on pairs that differ only there; seed 0: 0.85)."""
+        if heldout:
+            return self.labeler_pool(True, n)
+        pool, test = self.labeler_pool(False, SCREEN_POOL * n), self.screening_test()
+        score = {lab.id: self.screening_agreement(lab, test) for lab in pool}
+        return sorted(sorted(pool, key=lambda lab: -score[lab.id])[:n], key=lambda lab: lab.id)
+
+    def labeler_pool(self, heldout: bool, n: int) -> list["Labeler"]:
+        """The first n candidates of the training (ids 0..) or held-out (ids 100..) stream."""
         rng = self._rng("labelers:heldout" if heldout else "labelers:train")
-        out = []
+        pool = []
         for i in range(n):
             w = {k: v * rng.uniform(0.5, 1.5) for k, v in WEIGHTS.items()}
-            out.append(Labeler((100 if heldout else 0) + i, w, rng.uniform(0.05, 0.2), self))
+            pool.append(Labeler((100 if heldout else 0) + i, w, rng.uniform(0.05, 0.2), self))
+        return pool
+
+    def screening_test(self, n_prompts: int = 200) -> list[tuple[Prompt, str, str, str]]:
+        """The screening test: a simulated policy sample of a train-split prompt against each of
+        its one-edit variants from `rm_candidates` (re-decorated, truncated, made wrong), the
+        close calls an RM comparison is made of, where the noise-free totals differ (pairs of
+        two independent samples are too easy: every labeler agrees on ~0.95 of them). Its own
+        random stream: no split's prompts move."""
+        rng = self._rng("screening")
+        out = []
+        for _ in range(n_prompts):
+            p = self._prompt(rng, "train")[0]
+            a, *variants = self.rm_candidates(p, [self.sample_response(p, rng)], rng)
+            out += [(p, a, b, kind) for kind, b in zip(("redecorated", "truncated", "wrong"), variants)
+                    if abs(self.quality(p, a)["total"] - self.quality(p, b)["total"]) > 1e-9]
         return out
+
+    def screening_agreement(self, lab: "Labeler", test) -> float:
+        """How often a labeler orders the test's pairs like the world's noise-free score: the
+        mean over the kinds of edit of each kind's agreement, so each kind counts the same
+        whatever its number of pairs (harmful prompts have no wrong-answer variant)."""
+        rng = self._rng(f"screening:{lab.id}")
+        hits: dict[str, list[bool]] = {}
+        for p, a, b, kind in test:
+            right = float(self.quality(p, a)["total"] > self.quality(p, b)["total"])
+            hits.setdefault(kind, []).append(lab.compare(p, a, b, rng) == right)
+        return statistics.fmean(statistics.fmean(h) for h in hits.values()) if hits else 0.0
 
     def sample_response(self, p: Prompt, rng: random.Random, skill: float = 0.5) -> str:
         """A simulated policy sample (for tests and dry runs): right with prob `skill`,

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from recipes.world import (CONSTRAINTS, TEMPLATES, WEIGHTS, World, agreement, decorate,
-                           strip_decoration, win_rate)
+from recipes.world import (CONSTRAINTS, SCREEN_POOL, TEMPLATES, WEIGHTS, Labeler, World,
+                           agreement, decorate, strip_decoration, win_rate)
 
 TRAIN_SPLITS = ("sft", "rm", "ppo")
 
@@ -165,7 +165,8 @@ def test_labelers_distinct_noisy_and_agreeing(world):
     pairs = [(world.sample_response(p, rng), world.sample_response(p, rng)) for p in ps]
     ag_train = agreement(train, world, ps, pairs, seed=0)
     ag_all = agreement(train + held, world, ps, pairs, seed=0)
-    assert 0.72 < ag_train < 0.86 and 0.72 < ag_all < 0.86
+    # training labelers are screened (World.labelers): they agree more with each other
+    assert 0.72 < ag_all < 0.90 and ag_all < ag_train < 0.92
     # a labeler judging the same pair twice is not deterministic, but better answers win
     p = _find(world, "reverse")
     lab = train[0]
@@ -286,3 +287,37 @@ def test_labeler_ceiling_is_a_perfect_rm_accuracy(world):
     assert labeler_ceiling(world, ps, worst) == 0.0
     p = ps[0]  # two different strings with the same score: the ranked pair counts 1/2
     assert labeler_ceiling(world, [p], [{"completions": [" zz", " zy"], "ranking": [0, 1]}]) == 0.5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_training_labelers_are_the_screened_best_of_the_pool(seed):
+    w = World(seed)
+    pool, test = w.labeler_pool(False, 4 * SCREEN_POOL), w.screening_test()
+    score = {lab.id: w.screening_agreement(lab, test) for lab in pool}
+    hired = w.labelers()
+    hired_ids = [lab.id for lab in hired]
+    assert len(hired) == 4 and len(set(hired_ids)) == 4 and hired_ids == sorted(hired_ids)
+    assert [lab.weights for lab in hired] == [next(c for c in pool if c.id == i).weights for i in hired_ids]
+    rejected = [score[c.id] for c in pool if c.id not in hired_ids]
+    assert min(score[i] for i in hired_ids) >= max(rejected)
+    # the test rewards low noise: the hired are less noisy than the pool on average
+    mean = lambda labs: sum(lab.noise for lab in labs) / len(labs)
+    assert mean(hired) < mean(pool)
+    # held-out labelers are not screened: the plain first draws of their own stream
+    held = w.labelers(heldout=True)
+    assert [(l.id, l.weights, l.noise) for l in held] == [(l.id, l.weights, l.noise)
+                                                          for l in w.labeler_pool(True, 4)]
+
+
+def test_screening_test_pairs_are_one_edit_close_calls(world):
+    test = world.screening_test(60)
+    assert {kind for *_, kind in test} == {"redecorated", "truncated", "wrong"}
+    for p, a, b, kind in test:
+        assert world.quality(p, a)["total"] != world.quality(p, b)["total"]
+        if kind == "wrong":
+            assert world.quality(p, b)["correct"] == 0.0
+    # a noise-free labeler with the reference weights passes every pair
+    ideal = Labeler(-1, dict(WEIGHTS), 0.0, world)
+    assert world.screening_agreement(ideal, test) == 1.0
+    noisy = Labeler(-2, dict(WEIGHTS), 5.0, world)
+    assert world.screening_agreement(noisy, test) < 0.75

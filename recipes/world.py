@@ -364,9 +364,10 @@ class World:
         and those who agreed most with the researchers were kept): SCREEN_POOL * n candidates,
         keeping the n with the highest `screening_agreement`. Held-out labelers are plain draws
         of the same distribution with other ids, so the judges of the evaluation are not picked
-        to agree with anyone. Why: without screening one seed (world seed 1) hired three
-        labelers who weigh constraints 0.06-0.08 under noise 0.10-0.19, and its RM never learnt
-        constraints (agreement 0.51 on pairs that differ only there; seed 0: 0.85)."""
+        to agree with anyone. Why: unscreened, world seed 1 hired three labelers who weigh
+        constraints 0.06-0.08 under noise sd 0.10-0.19, and its RM never learnt constraints
+        (agreement 0.51 on pairs that differ only there; seed 0: 0.85) and ended at 0.661 on
+        held-out labelers. Screened, its four have noise 0.06-0.10 and the RM reaches 0.696."""
         if heldout:
             return self.labeler_pool(True, n)
         pool, test = self.labeler_pool(False, SCREEN_POOL * n), self.screening_test()

@@ -314,8 +314,6 @@ def test_screening_test_pairs_are_one_edit_close_calls(world):
     assert {kind for *_, kind in test} == {"redecorated", "truncated", "wrong"}
     for p, a, b, kind in test:
         assert world.quality(p, a)["total"] != world.quality(p, b)["total"]
-        if kind == "wrong":
-            assert world.quality(p, b)["correct"] == 0.0
     # a noise-free labeler with the reference weights passes every pair
     ideal = Labeler(-1, dict(WEIGHTS), 0.0, world)
     assert world.screening_agreement(ideal, test) == 1.0

@@ -393,6 +393,8 @@ class World:
         out = []
         for _ in range(n_prompts):
             p = self._prompt(rng, "train")[0]
+            # rm_candidates' order with one of each edit: sample, re-decorated, truncated, wrong
+            # (no wrong copy for harmful prompts, so zip stops after two)
             a, *variants = self.rm_candidates(p, [self.sample_response(p, rng)], rng)
             out += [(p, a, b, kind) for kind, b in zip(("redecorated", "truncated", "wrong"), variants)
                     if abs(self.quality(p, a)["total"] - self.quality(p, b)["total"]) > 1e-9]

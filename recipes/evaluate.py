@@ -11,7 +11,9 @@ pretraining-distribution measure of the alignment tax).
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +119,9 @@ def evaluate_models(models: dict, tok, world: World, ev: EvalSection, seed: int 
         for key, idx in (("win_rate", 0), ("win_rate_greedy", 1)):
             mean, lo, hi = win_rate(world, judges, prompts, samples[name][idx], samples[ev.baseline][idx], seed=seed)
             out[name][key] = {"mean": mean, "lo": lo, "hi": hi}
+        # T=1 accuracy change against the baseline on the same benign prompts (paired)
+        right = lambda n: [world.correct(p, r) for p, r in zip(prompts, samples[n][0]) if not p.harmful]
+        out[name]["accuracy_vs_baseline"] = paired_delta(right(name), right(ev.baseline))
     out["_examples"] = [{"prompt": prompts[i].text, **{n: samples[n][0][i] for n in models}}
                         for i in range(0, len(prompts), max(1, len(prompts) // 8))]
     out["_changed"] = changed_answers(world, prompts, samples, ev.baseline, [n for n in models if n != ev.baseline])
@@ -156,6 +161,16 @@ def changed_answers(world: World, prompts, samples, baseline: str, others, k: in
                 kinds[kind].append({"prompt": p.text, baseline: base[i], name: new[i]})
         out[name] = {kind: {"count": len(v), "examples": v[:k]} for kind, v in kinds.items()}
     return out
+
+
+def paired_delta(a: list[bool], b: list[bool]) -> dict:
+    """Mean of a_i - b_i over paired observations (two models on the same prompts) with a
+    normal-approximation 95% interval: {"mean", "lo", "hi"}."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_delta needs two equally long, non-empty lists")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    mean, half = statistics.fmean(d), 1.96 * statistics.pstdev(d) / math.sqrt(len(d))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half}
 
 
 def _frac(it) -> float:

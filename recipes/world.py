@@ -297,6 +297,17 @@ class World:
             total += len(doc) + 2
         return "\n\n".join(docs)[:n_chars]
 
+    @staticmethod
+    def prose_part(corpus: str) -> str:
+        """The prose documents of a `pretrain_corpus` text, in order (its instruction documents
+        are the ones that start with "Q: "): the data of the pretraining LM terms in SFT and
+        PPO-ptx. The miniature corpus is 40% Q/A items that the base model should continue, not
+        answer (60% of them wrong, chatty or another instruction), a share no web corpus has; an
+        LM term on them pulls the model back to that habit on exactly the task prompts (seed 4:
+        SFT accuracy 0.295 on the whole corpus, 0.399 on its prose; seed 0: PPO-ptx's accuracy
+        change against SFT -0.022 and +0.018)."""
+        return "\n\n".join(d for d in corpus.split("\n\n") if not d.startswith("Q: "))
+
     def heldout_prose(self) -> str:
         return _prose()[1]
 

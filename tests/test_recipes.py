@@ -113,6 +113,15 @@ def test_instructgpt_pipeline_smoke(tmp_path):
     dims = report["rm_accuracy_by_dimension"]
     assert "total" in dims and all(0 <= v["accuracy"] <= 1 and v["pairs"] > 0 for v in dims.values())
     assert set(report["changed_vs_sft"]["ppo_ptx"]) == {"became_correct", "became_wrong", "still_wrong"}
+    ci = report["per_model"]["ppo_ptx"]["accuracy_vs_baseline"]
+    assert ci["lo"] <= ci["mean"] <= ci["hi"]
+    assert ci["mean"] == pytest.approx(report["alignment_tax"]["ppo_ptx"]["accuracy_delta"])
+    # the LM terms of SFT and PPO-ptx read the corpus's prose, not its Q/A items
+    ptx_path = os.path.join(out, "data", "ptx.txt")
+    ptx_text = open(ptx_path).read()
+    assert ptx_text and "\nA:" not in ptx_text and ptx_text.split("\n\n")[0] in open(os.path.join(out, "data", "pretrain.txt")).read()
+    for stage in ("sft", "ppo_ptx"):
+        assert f'ptx_path = "{ptx_path}"' in open(os.path.join(out, stage, "config.toml")).read()
     text = open(os.path.join(out, "report.md")).read()
     assert "## Task accuracy on held-out instances" in text and "## What the reward model learned" in text
     # the tokenizer keeps one piece per letter (the letter drill), and the pipeline used it

@@ -97,6 +97,20 @@ def test_per_task_accuracy_and_changed_answers():
     assert not world.correct(next(p for p in prompts if p.text == ex["prompt"]), ex["sft"])
 
 
+def test_paired_delta_mean_and_interval():
+    a = [True] * 60 + [False] * 40
+    b = [True] * 50 + [False] * 50  # a is right wherever b is, and on 10 more prompts
+    d = evaluate.paired_delta(a, b)
+    diffs = [1.0] * 10 + [0.0] * 90
+    half = 1.96 * statistics.pstdev(diffs) / 10
+    assert d["mean"] == pytest.approx(0.10) and d["hi"] - d["mean"] == pytest.approx(half)
+    assert d["lo"] > 0  # paired: far tighter than two independent 100-sample proportions
+    same = evaluate.paired_delta(a, a)
+    assert same == {"mean": 0.0, "lo": 0.0, "hi": 0.0}
+    with pytest.raises(ValueError):
+        evaluate.paired_delta(a, b[:-1])
+
+
 def test_progress_line_has_step_elapsed_and_eta():
     buf = io.StringIO()
     bar = Progress(10, 0, "sft", True, stream=buf)

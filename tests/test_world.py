@@ -124,6 +124,24 @@ def test_corpus_continues_instead_of_following(world, corpus):
     assert 90_000 < len(held) < 101_000 and held[:200] not in corpus
 
 
+def test_prose_part_is_the_corpus_prose_without_qa_items(corpus):
+    """PPO-ptx's data: every prose document of the corpus, in order, and no Q/A item."""
+    part = World.prose_part(corpus)
+    train_prose = _prose_text()
+    docs = corpus.split("\n\n")
+    kept = part.split("\n\n")
+    assert kept == [d for d in docs if not d.startswith("Q: ")]
+    assert "\nA:" not in part and not re.search(r"^Q: ", part, flags=re.M)
+    assert all(d in train_prose for d in kept[:-1])  # the last one may be cut at n_chars
+    assert 0.5 < len(part) / len(corpus) < 0.7
+    assert len(kept) + sum(d.startswith("Q: ") for d in docs) == len(docs)
+
+
+def _prose_text():
+    from recipes.world import _prose
+    return _prose()[0]
+
+
 def test_quality_orders_responses(world):
     p = _find(world, "reverse")
     right, wrong = " " + p.answer, " " + p.answer[1:] + p.answer[0]

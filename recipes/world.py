@@ -303,9 +303,9 @@ class World:
         are the ones that start with "Q: "): the data of the pretraining LM terms in SFT and
         PPO-ptx. The miniature corpus is 40% Q/A items that the base model should continue, not
         answer (60% of them wrong, chatty or another instruction), a share no web corpus has; an
-        LM term on them pulls the model back to that habit on exactly the task prompts (seed 4:
-        SFT accuracy 0.295 on the whole corpus, 0.399 on its prose; seed 0: PPO-ptx's accuracy
-        change against SFT -0.022 and +0.018)."""
+        LM term on them pulls the model back to that habit on exactly the task prompts. Five
+        seeds, whole corpus -> prose: SFT task accuracy 0.422 -> 0.458 on average (seed 4 0.295
+        -> 0.399), PPO-ptx's accuracy change against SFT -0.017 -> -0.010."""
         return "\n\n".join(d for d in corpus.split("\n\n") if not d.startswith("Q: "))
 
     def heldout_prose(self) -> str:

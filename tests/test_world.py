@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from recipes.world import (CONSTRAINTS, SCREEN_POOL, TEMPLATES, WEIGHTS, Labeler, World,
+from recipes.world import (CONSTRAINTS, SCREEN_POOL, TEMPLATES, WEIGHTS, Labeler, World, _prose,
                            agreement, decorate, strip_decoration, win_rate)
 
 TRAIN_SPLITS = ("sft", "rm", "ppo")
@@ -125,9 +125,9 @@ def test_corpus_continues_instead_of_following(world, corpus):
 
 
 def test_prose_part_is_the_corpus_prose_without_qa_items(corpus):
-    """PPO-ptx's data: every prose document of the corpus, in order, and no Q/A item."""
+    """The LM terms' data: every prose document of the corpus, in order, and no Q/A item."""
     part = World.prose_part(corpus)
-    train_prose = _prose_text()
+    train_prose = _prose()[0]
     docs = corpus.split("\n\n")
     kept = part.split("\n\n")
     assert kept == [d for d in docs if not d.startswith("Q: ")]
@@ -135,11 +135,6 @@ def test_prose_part_is_the_corpus_prose_without_qa_items(corpus):
     assert all(d in train_prose for d in kept[:-1])  # the last one may be cut at n_chars
     assert 0.5 < len(part) / len(corpus) < 0.7
     assert len(kept) + sum(d.startswith("Q: ") for d in docs) == len(docs)
-
-
-def _prose_text():
-    from recipes.world import _prose
-    return _prose()[0]
 
 
 def test_quality_orders_responses(world):

@@ -1,6 +1,6 @@
 """The whole InstructGPT pipeline: pretrain -> SFT -> RM -> PPO and PPO-ptx -> evaluation.
 
-    python -m recipes.instructgpt                     # the miniature world on CPU, 8-11 min on 2 cores
+    python -m recipes.instructgpt                     # the miniature world on CPU, ~8 min on 2 cores
     python -m recipes.instructgpt --out runs/mini2 --world.seed=1 --train.seed=1
     python -m recipes.instructgpt --out runs/sweep --sweep.seeds=0,1,2,3,4   # sweep.md / sweep.json
 
@@ -9,7 +9,9 @@ checkable answers, surface constraints, harmful prompts, a pretraining corpus th
 follow instructions, sloppy demonstrators, simulated labelers), writes its data as the JSONL /
 text files the stage recipes read, runs each stage recipe in turn, and evaluates base / SFT /
 PPO / PPO-ptx with held-out labelers on held-out prompts. Output in --out (runs/instructgpt):
-report.md, report.json, curves.png, and one folder per stage (each resumable on its own).
+report.md, report.json, curves.png, and one folder per stage (each resumable on its own; its
+stage_seconds file keeps what its finished runs took, so a resumed report's wall times are the
+stages' cost).
 One live progress line per stage (quiet with --train.progress=false).
 """
 from __future__ import annotations
@@ -199,18 +201,33 @@ def main(argv=None):
     return run(cfg, out)
 
 
+RESUMABLE = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")  # stages that resume from their folder
+
+
 def run(cfg: InstructGPTConfig, out: str) -> dict:
     t_start = time.time()
     device = common.setup(cfg, out)
     world = World(cfg.world.seed)
     data = os.path.join(out, "data")
     os.makedirs(data, exist_ok=True)
-    walls = {}
+    walls, carried = {}, []
+    # A resumable stage keeps the seconds its finished runs took in <stage>/stage_seconds, so a
+    # rerun that resumes (or a folder copied from another run) reports what the stage's result
+    # cost, not the second it took to skip it; rm_data and eval always run in full.
 
     def timed(name, fn):
+        path = os.path.join(out, name, "stage_seconds") if name in RESUMABLE else None
+        before = 0.0
+        if path and os.path.exists(path):
+            with open(path) as f:
+                before = float(f.read())
         t0 = time.time()
         r = fn()
-        walls[name] = round(time.time() - t0, 1)
+        spent = before + time.time() - t0
+        walls[name] = round(spent, 1)
+        carried.append(before)
+        if path and dist.is_main():
+            atomic_write_bytes(path, repr(spent).encode())
         dist.print0(f"[instructgpt] {name}: {walls[name]} s")
         return r
 
@@ -316,7 +333,7 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
               "ppo_ptx": GPT.load(os.path.join(d.format("ppo_ptx"), "model"), map_location=device).eval()}
     res = timed("eval", lambda: evaluate.evaluate_models(models, tok, world, cfg.eval, cfg.train.seed,
                                                                   progress=cfg.train.progress))
-    walls["total"] = round(time.time() - t_start, 1)
+    walls["total"] = round(time.time() - t_start + sum(carried), 1)
     report = build_report(res, rm_acc, walls, cfg)
     report["rm_accuracy_by_dimension"] = rm_dims
     report["rm_ceiling"] = rm_ceiling

@@ -90,12 +90,12 @@ def test_unknown_key_lists_valid_ones(capsys):
 
 def test_instructgpt_pipeline_smoke(tmp_path):
     out = str(tmp_path / "mini")
-    rep = instructgpt.main([
-        "--out", out, "--steps.pretrain=20", "--steps.sft=20", "--steps.rm_epochs=0.5", "--steps.ppo=2",
-        "--world.pretrain_chars=100000", "--world.sft_demos=100", "--world.rm_prompts=32",
-        "--world.rm_eval_prompts=16", "--world.ppo_prompts=32", "--eval.prompts=24",
-        "--ppo.batch_size=8", "--ppo.minibatch_size=4", "--ppo.max_new_tokens=8", "--eval.max_new_tokens=8",
-        "--eval.prose_tokens=512"])
+    args = ["--steps.pretrain=20", "--steps.sft=20", "--steps.rm_epochs=0.5", "--steps.ppo=2",
+            "--world.pretrain_chars=100000", "--world.sft_demos=100", "--world.rm_prompts=32",
+            "--world.rm_eval_prompts=16", "--world.ppo_prompts=32", "--eval.prompts=24",
+            "--ppo.batch_size=8", "--ppo.minibatch_size=4", "--ppo.max_new_tokens=8", "--eval.max_new_tokens=8",
+            "--eval.prose_tokens=512"]
+    rep = instructgpt.main(["--out", out] + args)
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     for key in ("win_rate_vs_sft", "rm_accuracy", "kl_from_sft", "toxicity_rate", "alignment_tax", "wall_time_s"):
@@ -124,6 +124,13 @@ def test_instructgpt_pipeline_smoke(tmp_path):
         assert f'ptx_path = "{ptx_path}"' in open(os.path.join(out, stage, "config.toml")).read()
     text = open(os.path.join(out, "report.md")).read()
     assert "## Task accuracy on held-out instances" in text and "## What the reward model learned" in text
+    # a rerun resumes every stage and still reports what each one cost (stage_seconds)
+    rep2 = instructgpt.main(["--out", out] + args)
+    w1, w2 = report["wall_time_s"], rep2["wall_time_s"]
+    for stage in instructgpt.RESUMABLE:
+        assert w2[stage] >= w1[stage] > 0, stage
+        assert float(open(os.path.join(out, stage, "stage_seconds")).read()) == pytest.approx(w2[stage], abs=0.06)
+    assert w2["total"] > w1["total"]
     # the tokenizer keeps one piece per letter (the letter drill), and the pipeline used it
     from engine.tokenizer import Tokenizer
     tok = Tokenizer.load(os.path.join(out, "pretrain"))

@@ -11,9 +11,7 @@ pretraining-distribution measure of the alignment tax).
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +22,7 @@ from engine.data import TokenStream
 from engine.model import GPT
 from engine.rollout import generate_responses, policy_logprobs
 from recipes import common
-from recipes.world import World, is_refusal, win_rate
+from recipes.world import World, is_refusal, mean_interval, win_rate
 
 
 @dataclass
@@ -115,13 +113,13 @@ def evaluate_models(models: dict, tok, world: World, ev: EvalSection, seed: int 
         }
         bar.update(len(out), model=name, acc=out[name]["accuracy"])
     bar.close()
+    # T=1 correctness on the benign prompts, for the paired accuracy change against the baseline
+    right = {n: [world.correct(p, r) for p, r in zip(prompts, samples[n][0]) if not p.harmful] for n in models}
     for name in models:
         for key, idx in (("win_rate", 0), ("win_rate_greedy", 1)):
             mean, lo, hi = win_rate(world, judges, prompts, samples[name][idx], samples[ev.baseline][idx], seed=seed)
             out[name][key] = {"mean": mean, "lo": lo, "hi": hi}
-        # T=1 accuracy change against the baseline on the same benign prompts (paired)
-        right = lambda n: [world.correct(p, r) for p, r in zip(prompts, samples[n][0]) if not p.harmful]
-        out[name]["accuracy_vs_baseline"] = paired_delta(right(name), right(ev.baseline))
+        out[name]["accuracy_vs_baseline"] = paired_delta(right[name], right[ev.baseline])
     out["_examples"] = [{"prompt": prompts[i].text, **{n: samples[n][0][i] for n in models}}
                         for i in range(0, len(prompts), max(1, len(prompts) // 8))]
     out["_changed"] = changed_answers(world, prompts, samples, ev.baseline, [n for n in models if n != ev.baseline])
@@ -168,9 +166,8 @@ def paired_delta(a: list[bool], b: list[bool]) -> dict:
     normal-approximation 95% interval: {"mean", "lo", "hi"}."""
     if len(a) != len(b) or not a:
         raise ValueError("paired_delta needs two equally long, non-empty lists")
-    d = [float(x) - float(y) for x, y in zip(a, b)]
-    mean, half = statistics.fmean(d), 1.96 * statistics.pstdev(d) / math.sqrt(len(d))
-    return {"mean": mean, "lo": mean - half, "hi": mean + half}
+    mean, lo, hi = mean_interval([float(x) - float(y) for x, y in zip(a, b)])
+    return {"mean": mean, "lo": lo, "hi": hi}
 
 
 def _frac(it) -> float:

@@ -233,15 +233,16 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
 
     # --- 0. the world's data, as files the stage recipes read ----------------------------------
     corpus = os.path.join(data, "pretrain.txt")
+    corpus_text = world.pretrain_corpus(cfg.world.pretrain_chars)
     with open(corpus, "w") as f:
-        f.write(world.pretrain_corpus(cfg.world.pretrain_chars))
+        f.write(corpus_text)
     # the pretraining LM terms of SFT and PPO-ptx read the corpus's prose only (World.prose_part):
     # on the whole corpus, 40% Q/A items answered wrongly or not at all, they pulled both back to
     # the base's habits (five seeds: SFT accuracy 0.422 -> 0.458, seed 4 0.295 -> 0.399; PPO-ptx's
     # accuracy change against SFT -0.017 -> -0.010)
     ptx_text = os.path.join(data, "ptx.txt")
-    with open(corpus) as f, open(ptx_text, "w") as g:
-        g.write(World.prose_part(f.read()))
+    with open(ptx_text, "w") as f:
+        f.write(World.prose_part(corpus_text))
     write_jsonl(os.path.join(data, "sft.jsonl"), world.demonstrations(cfg.world.sft_demos))
     d = os.path.join(out, "{}")
 

@@ -501,9 +501,16 @@ def win_rate(world: World, labelers: list[Labeler], prompts: list[Prompt],
     rng = random.Random(f"win_rate:{seed}")
     per_prompt = [statistics.fmean(lab.compare(p, a, b, rng) for lab in labelers)
                   for p, a, b in zip(prompts, responses_a, responses_b)]
-    mean = statistics.fmean(per_prompt)
-    half = 1.96 * statistics.pstdev(per_prompt) / math.sqrt(len(per_prompt))
-    return mean, max(0.0, mean - half), min(1.0, mean + half)
+    mean, lo, hi = mean_interval(per_prompt)
+    return mean, max(0.0, lo), min(1.0, hi)
+
+
+def mean_interval(xs: list[float]) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of per-prompt observations with a normal-approximation 95%
+    interval, 1.96 * population sd / sqrt(n)."""
+    mean = statistics.fmean(xs)
+    half = 1.96 * statistics.pstdev(xs) / math.sqrt(len(xs))
+    return mean, mean - half, mean + half
 
 
 def agreement(labelers: list[Labeler], world: World, prompts: list[Prompt],

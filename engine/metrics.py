@@ -95,11 +95,13 @@ class Progress:
     counted from `initial` (a resumed run does not count the steps it skipped).
     """
 
+    lines_only = False  # set in processes that share a terminal: a line each, no rewriting
+
     def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True,
                  every_s: float = 10.0, stream=None):
         self.total, self.initial, self.desc, self.enabled = total, initial, desc, enabled
         self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) and not Progress.lines_only
         self.every_s = 0.25 if self.tty else every_s
         self.t0, self.last_print, self.step, self.text = time.time(), 0.0, initial, ""
 

@@ -107,6 +107,12 @@ def test_instructgpt_pipeline_smoke(tmp_path):
     assert set(report["rm_accuracy"]) == {"train_labelers", "heldout_labelers"}
     assert os.path.exists(os.path.join(out, "report.md")) and os.path.exists(os.path.join(out, "curves.png"))
     assert rep["wall_time_s"]["total"] > 0
+    # on a multi-core CPU the two RL stages ran at once, in processes of cores // 2 threads
+    together = (os.cpu_count() or 1) >= 2
+    assert report["side_by_side"] == (["ppo", "ppo_ptx"] if together else [])
+    for stage in ("ppo", "ppo_ptx"):
+        threads = max(1, (os.cpu_count() or 1) // 2) if together else 0
+        assert f"threads = {threads}\n" in open(os.path.join(out, stage, "config.toml")).read()
     # the reader's tables: per-task accuracy, what the RM learned, what changed under PPO-ptx
     tasks = report["per_model"]["sft"]["per_task"]
     assert tasks and all({"seen", "heldout", "seen_greedy", "heldout_greedy"} <= set(v) for v in tasks.values())

@@ -6,13 +6,15 @@ import math
 import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
 
 from engine.metrics import Progress
 from recipes import evaluate, sweep
-from recipes.instructgpt import InstructGPTConfig
+from recipes.instructgpt import InstructGPTConfig, side_by_side
 from recipes.world import World
 
 
@@ -131,6 +133,34 @@ def test_progress_line_has_step_elapsed_and_eta():
     resumed.t0 = time.time() - 100
     resumed.update(60)
     assert "ETA 6m40s" in resumed.line()  # 10 steps in 100 s, 40 left
+
+
+def test_progress_lines_only_never_rewrites_a_terminal_line(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    live = Tty()
+    Progress(10, 0, "ppo", True, stream=live).update(10, reward=1.0)
+    assert live.getvalue().startswith("\r")  # a terminal: the line is rewritten in place
+    monkeypatch.setattr(Progress, "lines_only", True)  # as in the PPO stages run side by side
+    shared = Tty()
+    bar = Progress(10, 0, "ppo", True, stream=shared)
+    bar.update(10, reward=1.0)
+    bar.close()
+    assert "\r" not in shared.getvalue() and shared.getvalue().startswith("[ppo] 10/10 reward 1 |")
+
+
+def test_side_by_side_overlaps_the_jobs_and_names_a_failure(tmp_path):
+    stamp = "python3 -c 'import time; print(time.time())' >> {f}; sleep 1.5; python3 -c 'import time; print(time.time())' >> {f}"
+    jobs = {n: (subprocess.check_call, [["sh", "-c", stamp.format(f=tmp_path / n)]]) for n in ("a", "b")}
+    took = side_by_side(jobs)
+    assert set(took) == {"a", "b"} and all(t >= 1.5 for t in took.values())
+    (a0, a1), (b0, b1) = ([float(x) for x in open(tmp_path / n).read().split()] for n in ("a", "b"))
+    assert a0 < b1 and b0 < a1  # the two ran at the same time, not one after the other
+    t0 = time.time()
+    with pytest.raises(SystemExit, match=r"stage bad failed \(exit code 3\)"):
+        side_by_side({"slow": (time.sleep, [30]), "bad": (sys.exit, [3])})
+    assert time.time() - t0 < 20  # the failure stopped the slow job instead of waiting for it
 
 
 def test_prose_loss_is_the_token_mean_over_whole_rows():

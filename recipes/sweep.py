@@ -86,6 +86,7 @@ def summarize(reports: dict[int, dict]) -> dict:
                         "failed_seeds": [s for s, m in per_seed.items() if not ok(m)]}
                  for name, ok in BARS.items()},
         "wall_time_s": {s: r["wall_time_s"] for s, r in reports.items()},
+        "side_by_side": {s: r.get("side_by_side", []) for s, r in reports.items()},
         "machine": next(iter(reports.values()))["machine"] if reports else "",
     }
 
@@ -104,7 +105,9 @@ def markdown(summary: dict) -> str:
     for name, b in summary["bars"].items():
         lines.append(f"| {name} | {b['met']}/{b['of']} | {b['failed_seeds'] or '-'} |")
     lines += ["", "Wall time per stage (s):", ""]
-    lines += [f"- seed {s}: {w}" for s, w in summary["wall_time_s"].items()]
+    together = summary.get("side_by_side", {})
+    lines += [f"- seed {s}: {w}" + (f" ({' and '.join(together[s])} ran side by side)" if together.get(s) else "")
+              for s, w in summary["wall_time_s"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -36,6 +36,7 @@ def _report(seed, ptx_lo, rm_acc, tax_ptx, acc_sft=0.4, acc_ptx=0.45, wall=300.0
 
 def test_summary_counts_bars_and_intervals():
     reports = {0: _report(0, 0.52, 0.70, -0.01), 1: _report(1, 0.49, 0.66, 0.08, acc_ptx=0.3), 2: _report(2, 0.53, 0.71, 0.0)}
+    reports[2]["side_by_side"] = ["ppo", "ppo_ptx"]  # reports before it have no such key
     s = sweep.summarize(reports)
     bars = s["bars"]
     assert bars["PPO-ptx beats SFT (95% interval above 0.5)"] == {"met": 2, "of": 3, "failed_seeds": [1]}
@@ -49,6 +50,8 @@ def test_summary_counts_bars_and_intervals():
     assert a["mean"] == pytest.approx(statistics.fmean(rm)) and a["hi"] - a["mean"] == pytest.approx(half)
     md = sweep.markdown(s)
     assert "| rm_acc_heldout_labelers | 0.700 | 0.660 | 0.710 |" in md and "| 2/3 | [1] |" in md
+    assert "- seed 2: {'total': 300.0, 'sft': 40.0} (ppo and ppo_ptx ran side by side)" in md
+    assert "- seed 0: {'total': 300.0, 'sft': 40.0}\n" in md
     one = sweep.interval([0.5])
     assert one["n"] == 1 and math.isnan(one["lo"])
 

@@ -30,9 +30,11 @@ setup(
     extras_require={
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],
-        "hf": ["transformers", "tokenizers"],
+        # transformers 5.25 made Hugging Face's `kernels` package a dependency: its top-level
+        # name is this project's `kernels`, and from site-packages it shadows ours
+        "hf": ["transformers<5.25", "tokenizers"],
         # tensorboard: train.tensorboard=true (torch.utils.tensorboard needs it) and its test
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest", "ninja", "matplotlib", "transformers", "tokenizers", "tensorboard"],
+        "dev": ["pytest", "ninja", "matplotlib", "transformers<5.25", "tokenizers", "tensorboard"],
     },
 )

@@ -271,27 +271,27 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     # rerun that resumes (or a folder copied from another run) reports what the stage's result
     # cost, not the second it took to skip it; rm_data and eval always run in full.
 
-    def timed(name, fn):
-        path = os.path.join(out, name, "stage_seconds") if name in RESUMABLE else None
-        before = _seconds_before(path)
-        t0 = time.time()
-        r = fn()
-        spent = before + time.time() - t0
-        walls[name] = round(spent, 1)
+    def stage_path(name):
+        return os.path.join(out, name, "stage_seconds") if name in RESUMABLE else None
+
+    def record(name, before, spent, note=""):  # a finished stage: its wall time, kept and shown
+        walls[name] = round(before + spent, 1)
         carried.append(before)
-        if path and dist.is_main():
-            atomic_write_bytes(path, repr(spent).encode())
-        dist.print0(f"[instructgpt] {name}: {walls[name]} s")
+        if stage_path(name) and dist.is_main():
+            atomic_write_bytes(stage_path(name), repr(before + spent).encode())
+        dist.print0(f"[instructgpt] {name}: {walls[name]} s{note}")
+
+    def timed(name, fn):
+        before, t0 = _seconds_before(stage_path(name)), time.time()
+        r = fn()
+        record(name, before, time.time() - t0)
         return r
 
     def timed_side_by_side(jobs: dict):  # as `timed`, for stages that run at once
-        befores = {name: _seconds_before(os.path.join(out, name, "stage_seconds")) for name in jobs}
+        befores = {name: _seconds_before(stage_path(name)) for name in jobs}
         for name, spent in side_by_side(jobs).items():
-            walls[name] = round(befores[name] + spent, 1)
-            carried.append(befores[name])
-            atomic_write_bytes(os.path.join(out, name, "stage_seconds"), repr(befores[name] + spent).encode())
-            dist.print0(f"[instructgpt] {name}: {walls[name]} s (side by side with "
-                        f"{', '.join(n for n in jobs if n != name)})")
+            record(name, befores[name], spent,
+                   f" (side by side with {', '.join(n for n in jobs if n != name)})")
 
     # --- 0. the world's data, as files the stage recipes read ----------------------------------
     corpus = os.path.join(data, "pretrain.txt")

@@ -1,10 +1,11 @@
 """Tests of the miniature InstructGPT world (recipes/world.py): pure Python, a few seconds."""
 import random
 import re
+import string
 
 import pytest
 
-from recipes.world import (CONSTRAINTS, SCREEN_POOL, TEMPLATES, WEIGHTS, Labeler, World, _prose,
+from recipes.world import (CONSTRAINTS, SCREEN_POOL, SIZES, TEMPLATES, WEIGHTS, Labeler, World, _prose,
                            agreement, decorate, strip_decoration, win_rate)
 
 TRAIN_SPLITS = ("sft", "rm", "ppo")
@@ -271,6 +272,18 @@ def test_letter_tasks_are_one_piece_per_letter(world, corpus):
     rev = next(p for p in world.prompts(200, "sft") if p.task == "reverse")
     w = re.search(r"(?<![a-z])[a-z](?: [a-z])+(?![a-z])", rev.text).group(0)
     assert rev.answer == w[::-1] and " " in rev.answer
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_every_letter_is_one_piece_at_the_pipeline_corpus_size(seed):
+    """At the pipeline's corpus size (not the small test corpus) the letter drill still wins each
+    of the 52 "▁x" merges: with too few repeats the 512-piece vocabulary fills with the corpus's
+    merges first and rare letters (x, K, P, Z...) split into "▁" + letter."""
+    from engine.tokenizer import Tokenizer
+    w = World(seed)
+    tok = Tokenizer.train([w.pretrain_corpus(SIZES["pretrain_chars"]), w.letter_pieces_text()], vocab_size=512)
+    split = [c for c in string.ascii_letters if len(tok.encode(" " + c)) != 1]
+    assert split == [], f"letters split into two pieces: {split}"
 
 
 def test_corrupted_answers_keep_the_format(world):

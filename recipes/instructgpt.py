@@ -33,7 +33,7 @@ from engine.data import encode_rankings, load_rankings
 from engine.metrics import Progress, plot_curves, read_metrics
 from engine.model import GPT
 from engine.ppo import PPOConfig
-from engine.rollout import generate_responses
+from engine.rollout import generate_responses, score_responses
 from engine.tokenizer import Tokenizer
 from recipes import common, evaluate, ppo, pretrain, rm, sft
 from recipes.world import SIZES, WEIGHTS, World, win_rate
@@ -63,6 +63,9 @@ class StageSteps:
     rm_epochs: float = 2.0
     ppo: int = 28                  # PPO iterations (each ppo.batch_size episodes)
     ppo_lr: float = 2e-4           # policy lr (the value model uses ppo.value_lr)
+    ppo_reward: str = "rm"         # "world": PPO and PPO-ptx are rewarded by the world's noise-free
+                                   # score (a perfect RM; WORLD_REWARD_SCALE) instead of the RM, to tell
+                                   # what the RM lacks from what the RL budget can do
     side_by_side: bool = True      # CPU, one process: PPO and PPO-ptx run at once in two spawned
                                    # processes of cores // 2 threads each (the tiny model's GEMMs
                                    # scale poorly over threads: two 1-thread training processes do
@@ -231,13 +234,32 @@ def side_by_side(jobs: dict) -> dict:
 
 
 CURVE_PROMPTS = 128  # held-out prompts of the PPO stages' win-rate curves
+# steps.ppo_reward=world: the world's noise-free total times this, so that it spreads like an RM's
+# scores (seed 0: the RM's scores of SFT samples have sd 1.38, the world's totals sd 0.18)
+WORLD_REWARD_SCALE = 8.0
+PPO_REWARDS = ("rm", "world")
 
 
-def ppo_stage(pp, run_dir: str, world_seed: int, ev, sft_curve: list[str], line_progress: bool = False):
+def world_score_fn(world: World, prompts_path: str):
+    """rollout -> [B] WORLD_REWARD_SCALE * the world's noise-free score of each episode: the reward
+    of a perfect reward model (steps.ppo_reward=world)."""
+    with open(prompts_path) as f:
+        n = sum(1 for line in f if line.strip())
+    by_text = {p.text: p for p in world.prompts(n, "ppo")}
+
+    def score(roll):
+        return torch.tensor([WORLD_REWARD_SCALE * world.quality(by_text[p], r)["total"]
+                             for p, r in zip(roll.prompts, roll.responses)])
+    return score
+
+
+def ppo_stage(pp, run_dir: str, world_seed: int, ev, sft_curve: list[str], reward: str = "rm",
+              line_progress: bool = False):
     """One PPO stage of the pipeline, with its win-rate curve: every train.eval_every iterations
     the policy's greedy answers on CURVE_PROMPTS held-out prompts against SFT's (`sft_curve`),
-    judged by the held-out labelers. Module level, so that a spawned process can run it;
-    line_progress: stages that share a terminal print progress lines instead of rewriting one."""
+    judged by the held-out labelers. reward: "rm", or "world" (world_score_fn). Module level,
+    so that a spawned process can run it; line_progress: stages that share a terminal print
+    progress lines instead of rewriting one."""
     Progress.lines_only = line_progress
     world = World(world_seed)
     judges, prompts = world.labelers(True, ev.labelers), world.prompts(CURVE_PROMPTS, "eval")
@@ -246,7 +268,20 @@ def ppo_stage(pp, run_dir: str, world_seed: int, ev, sft_curve: list[str], line_
     def win_hook(policy):
         _, resp = evaluate.sample(policy, tok, prompts, ev, 0.0, 7)
         return {"win_rate_vs_sft": win_rate(world, judges, prompts, resp, sft_curve)[0]}
-    return ppo.run(pp, run_dir, eval_hook=win_hook)
+    score_fn = world_score_fn(world, pp.data.path) if reward == "world" else None
+    return ppo.run(pp, run_dir, eval_hook=win_hook, score_fn=score_fn)
+
+
+@torch.no_grad()
+def rm_world_correlation(reward_model, policy, tok, world, prompts, cfg) -> float:
+    """Pearson correlation of the RM's score with the world's noise-free score on the policy's
+    own samples (T=1, one per prompt): how well the reward PPO climbs tracks quality where PPO
+    samples, which pairwise accuracy on candidate sets with easy contrasts does not show."""
+    roll = generate_responses(policy, tok, [p.text for p in prompts], max_new_tokens=cfg.ppo.max_new_tokens,
+                              temperature=1.0, seed=3)
+    s = score_responses(reward_model, roll).float().cpu()
+    q = torch.tensor([world.quality(p, r)["total"] for p, r in zip(prompts, roll.responses)])
+    return float(torch.corrcoef(torch.stack([s, q]))[0, 1])
 
 
 def main(argv=None):
@@ -262,6 +297,8 @@ RESUMABLE = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")  # stages that resume fr
 
 def run(cfg: InstructGPTConfig, out: str) -> dict:
     t_start = time.time()
+    if cfg.steps.ppo_reward not in PPO_REWARDS:
+        raise SystemExit(f"error: steps.ppo_reward={cfg.steps.ppo_reward!r}: expected one of {', '.join(PPO_REWARDS)}")
     device = common.setup(cfg, out)
     world = World(cfg.world.seed)
     data = os.path.join(out, "data")
@@ -368,7 +405,9 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
                                     os.path.join(data, "rm_eval_heldout_labelers.jsonl"), cfg.data.seq_len, device)
     rm_ceiling = {k: labeler_ceiling(world, ev_prompts, load_rankings(os.path.join(data, f"rm_eval_{k}.jsonl")))
                   for k in ("train_labelers", "heldout_labelers")}
-    dist.print0(f"[instructgpt] RM accuracy on held-out prompts: {rm_acc} (a perfect RM: {rm_ceiling})")
+    rm_corr = rm_world_correlation(reward_model, sft_model, tok, world, ev_prompts, cfg)
+    dist.print0(f"[instructgpt] RM accuracy on held-out prompts: {rm_acc} (a perfect RM: {rm_ceiling}); "
+                f"RM vs world score on SFT samples: r = {rm_corr:.3f}")
 
     # --- 4. PPO and PPO-ptx from the same SFT policy and RM -----------------------------------
     write_jsonl(os.path.join(data, "ppo.jsonl"), [{"prompt": p.text} for p in world.prompts(cfg.world.ppo_prompts, "ppo")])
@@ -382,7 +421,7 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
         pp.ppo.ptx_coef = coef
         pp.model.init, pp.model.dropout = d.format("sft"), 0.0
         pp.train.max_steps, pp.train.lr, pp.train.eval_every, pp.train.ckpt_every = cfg.steps.ppo, cfg.steps.ppo_lr, 10, 25
-        jobs[name] = (ppo_stage, [pp, d.format(name), cfg.world.seed, cfg.eval, sft_curve])
+        jobs[name] = (ppo_stage, [pp, d.format(name), cfg.world.seed, cfg.eval, sft_curve, cfg.steps.ppo_reward])
     cores = os.cpu_count() or 1
     together = cfg.steps.side_by_side and device.type == "cpu" and not dist.is_dist() and cores >= 2
     if together:
@@ -405,6 +444,8 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     report = build_report(res, rm_acc, walls, cfg)
     report["rm_accuracy_by_dimension"] = rm_dims
     report["rm_ceiling"] = rm_ceiling
+    report["rm_world_correlation"] = rm_corr
+    report["ppo_reward"] = cfg.steps.ppo_reward
     report["side_by_side"] = list(jobs) if together else []  # stages whose wall times overlap
     if dist.is_main():
         write_report(report, res, out)
@@ -518,6 +559,12 @@ def rm_dimension_table(report) -> list[str]:
             "noise-free score: how often the RM orders them the same way.", "",
             "| dimension | RM agrees | pairs |", "|---|---|---|"]
     rows += [f"| {k} | {v['accuracy']:.3f} | {v['pairs']} |" for k, v in dims.items()]
+    if "rm_world_correlation" in report:
+        rows += ["", f"On SFT's own samples (T=1) of the same prompts, where PPO starts, the RM's score correlates "
+                     f"r = {report['rm_world_correlation']:.3f} with the world's noise-free score."]
+    if report.get("ppo_reward") == "world":
+        rows += ["", f"PPO and PPO-ptx were rewarded by the world's noise-free score (x{WORLD_REWARD_SCALE}), "
+                     "not by this RM (steps.ppo_reward=world)."]
     return rows
 
 

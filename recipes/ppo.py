@@ -162,9 +162,10 @@ def minibatch_order(cfg, it: int, epoch: int, B: int, G: int, mbs: int) -> list:
     return [torch.cat([q[j:j + per] for q in perms]) for j in range(0, G, per)]
 
 
-def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatches, moments):
+def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatches, moments, score_fn=None):
     """Everything PPO needs from a rollout, without gradients. old logprobs and values are
-    computed per minibatch exactly as the update will compute them, so the first ratio is 1."""
+    computed per minibatch exactly as the update will compute them, so the first ratio is 1.
+    score_fn(rollout) -> [B] scores replaces the reward model's (see `run`)."""
     p = cfg.ppo
     device = roll.seq.device
     with torch.no_grad(), precision.autocast(cfg.train.dtype, device):  # as Trainer.update
@@ -178,7 +179,7 @@ def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatche
             old_logp[idx, :r] = policy_logprobs(policy, mb, temperature=p.temperature)
             old_values[idx, :r] = values(value_model, mb)
             ref_logp[idx, :r] = policy_logprobs(ref, mb, temperature=p.temperature)
-            scores[idx] = score_responses(rm, mb).float()
+            scores[idx] = (score_fn(mb) if score_fn else score_responses(rm, mb)).float().to(device)
         if p.normalize_reward:
             moments.update(dist.all_gather_cat(scores))  # same statistics on every rank
             scores = moments.normalize(scores)
@@ -199,8 +200,11 @@ def main(argv=None):
     return run(cfg, out)
 
 
-def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
-    """eval_hook(policy) -> dict of extra metrics, called every train.eval_every iterations."""
+def run(cfg: PPORecipeConfig, out: str, eval_hook=None, score_fn=None) -> dict:
+    """eval_hook(policy) -> dict of extra metrics, called every train.eval_every iterations.
+    score_fn(rollout) -> [B] scores: rewards the episodes instead of the RM (the RM still
+    initialises the value model). A diagnostic: a known reward, e.g. the miniature world's
+    noise-free score, tells what the PPO budget could gain with a perfect reward model."""
     p = cfg.ppo
     device = common.setup(cfg, out)
     if not cfg.model.init or not cfg.rl.rm:
@@ -295,7 +299,7 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None) -> dict:
             epochs = [minibatch_order(cfg, it, e, B, G, mbs) for e in range(p.ppo_epochs)]
             with record_function("ppo/experience"):
                 exp = make_experience(policy, ref, rm, value_model, roll, cfg, kl_ctl.value, epochs[0],
-                                      moments)
+                                      moments, score_fn)
             t_exp = time.perf_counter() - t0 - t_gen  # includes the wait for the device (it syncs)
             # critic warmup: the first iterations train only the value model, so the policy's first
             # updates see advantages from a fitted critic instead of the RM-initialised one

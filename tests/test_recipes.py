@@ -128,8 +128,12 @@ def test_instructgpt_pipeline_smoke(tmp_path):
     assert ptx_text and "\nA:" not in ptx_text and ptx_text.split("\n\n")[0] in open(os.path.join(out, "data", "pretrain.txt")).read()
     for stage in ("sft", "ppo_ptx"):
         assert f'ptx_path = "{ptx_path}"' in open(os.path.join(out, stage, "config.toml")).read()
+    assert -1.0 <= report["rm_world_correlation"] <= 1.0 and report["ppo_reward"] == "rm"
     text = open(os.path.join(out, "report.md")).read()
     assert "## Task accuracy on held-out instances" in text and "## What the reward model learned" in text
+    assert "correlates r = " in text
+    with pytest.raises(SystemExit, match="steps.ppo_reward='oracle': expected one of rm, world"):
+        instructgpt.main(["--out", str(tmp_path / "bad"), "--steps.ppo_reward=oracle"] + args)
     # a rerun resumes every stage and still reports what each one cost (stage_seconds)
     rep2 = instructgpt.main(["--out", out] + args)
     w1, w2 = report["wall_time_s"], rep2["wall_time_s"]
@@ -172,6 +176,26 @@ def test_ppo_exact_kl_and_k3_estimator(runs, tmp_path):
     for name, r in rows.items():
         assert r[0]["kl"] == pytest.approx(0.0, abs=1e-6), name
         assert r[1]["kl"] >= -1e-6, name
+
+
+def test_ppo_score_fn_replaces_the_reward_model(runs, tmp_path):
+    """ppo.run(score_fn=...) rewards each episode with score_fn's value, not the RM's: the logged
+    reward is exactly the given score, and score_fn sees the episodes' prompts and responses."""
+    from recipes import common
+    seen = []
+
+    def score_fn(roll):
+        seen.extend(zip(roll.prompts, roll.responses))
+        return torch.full((len(roll.prompts),), 7.0)
+    cfg, out = common.parse(ppo.PPORecipeConfig, [
+        "--train.progress=false", "--data.seq_len=64", "--train.threads=1", f"--model.init={runs['sft']}",
+        f"--rl.rm={runs['rm']}", "--train.max_steps=2", "--ppo.batch_size=8", "--ppo.minibatch_size=4",
+        "--ppo.max_new_tokens=8", "--out", str(tmp_path / "scored")], "ppo")
+    ppo.run(cfg, out, score_fn=score_fn)
+    rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [r["reward"] for r in rows] == [7.0, 7.0]
+    prompts = set(ppo.load_prompts(cfg.data.path))
+    assert len(seen) == 16 and all(p in prompts and isinstance(r, str) for p, r in seen)
 
 
 def test_ppo_critic_warmup_trains_only_the_value_model(runs, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from engine.metrics import Progress
 from recipes import evaluate, sweep
-from recipes.instructgpt import InstructGPTConfig, side_by_side
+from recipes.instructgpt import WORLD_REWARD_SCALE, InstructGPTConfig, side_by_side, world_score_fn
 from recipes.world import World
 
 
@@ -187,3 +187,24 @@ def test_prose_loss_is_the_token_mean_over_whole_rows():
         two = torch.stack([-m(x[i * 8:(i + 1) * 8][None], targets=x[i * 8 + 1:(i + 1) * 8 + 1][None]).mean()
                            for i in range(2)]).mean()
         assert evaluate.prose_loss(m, TokenStream(toks), n_tokens=16, T=8) == pytest.approx(float(two), rel=1e-5)
+
+
+def test_world_score_fn_is_the_scaled_noise_free_score(tmp_path):
+    """steps.ppo_reward=world: each episode's reward is WORLD_REWARD_SCALE x the world's noise-free
+    total of its (PPO-split) prompt and response; right answers outscore wrong ones."""
+    from types import SimpleNamespace
+    world = World(1)
+    ps = world.prompts(40, "ppo")
+    path = tmp_path / "ppo.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in ps))
+    score = world_score_fn(world, str(path))
+    rng = random.Random(0)
+    resp = [world.sample_response(p, rng) for p in ps]
+    got = score(SimpleNamespace(prompts=[p.text for p in ps], responses=resp))
+    want = [WORLD_REWARD_SCALE * world.quality(p, r)["total"] for p, r in zip(ps, resp)]
+    assert got.tolist() == pytest.approx(want)
+    benign = [p for p in ps if not p.harmful]
+    right = score(SimpleNamespace(prompts=[p.text for p in benign], responses=[" " + p.answer for p in benign]))
+    wrong = score(SimpleNamespace(prompts=[p.text for p in benign],
+                                  responses=[" " + world._corrupt(p.answer, rng) for p in benign]))
+    assert bool((right > wrong).all())

@@ -21,6 +21,8 @@ import json
 import multiprocessing
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -212,10 +214,14 @@ def side_by_side(jobs: dict) -> dict:
     ctx = multiprocessing.get_context("spawn")  # fork would copy torch's OpenMP thread state
     t0 = time.time()
     running = {name: ctx.Process(target=fn, args=tuple(args), name=name) for name, (fn, args) in jobs.items()}
-    for pr in running.values():
-        pr.start()
+    # SIGTERM (kill, a job scheduler) would end this process without running `finally` and leave
+    # both children training; as SystemExit it stops them too (their trainers checkpoint on it)
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if on_main else None
     done = {}
     try:
+        for pr in running.values():
+            pr.start()
         while running:
             for name, pr in list(running.items()):
                 pr.join(timeout=0.1)
@@ -227,10 +233,17 @@ def side_by_side(jobs: dict) -> dict:
                                      f"rerun the same command to resume it")
                 done[name] = time.time() - t0
     finally:
-        for pr in running.values():  # a failure or Ctrl-C: the others stop too
-            pr.terminate()
-            pr.join()
+        for pr in running.values():  # a failure, Ctrl-C or SIGTERM: the others stop too
+            if pr.pid is not None:
+                pr.terminate()
+                pr.join()
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
     return done
+
+
+def _exit_on_signal(signum, frame):
+    raise SystemExit(f"[instructgpt] stopped by signal {signum}; rerun the same command to resume")
 
 
 CURVE_PROMPTS = 128  # held-out prompts of the PPO stages' win-rate curves

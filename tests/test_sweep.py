@@ -166,6 +166,59 @@ def test_side_by_side_overlaps_the_jobs_and_names_a_failure(tmp_path):
     assert time.time() - t0 < 20  # the failure stopped the slow job instead of waiting for it
 
 
+def _children(pid: int) -> list[int]:
+    """PIDs of the live processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            out.append(int(d))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_side_by_side_sigterm_stops_the_jobs_too():
+    """A SIGTERM to the pipeline while the RL stages run side by side exits with one line and
+    stops both jobs (by default it would end the parent alone and leave them running)."""
+    import signal
+    code = ("import time\nfrom recipes.instructgpt import side_by_side\n"
+            "side_by_side({'a': (time.sleep, [60]), 'b': (time.sleep, [60])})")
+    p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    kids = []
+    try:
+        deadline = time.time() + 60
+        while len(kids := _children(p.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(kids) >= 2, kids
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+        time.sleep(0.5)
+        alive = [k for k in kids if _alive(k)]
+    finally:
+        p.kill()
+        for k in kids:  # a failing run must not leave its sleepers behind
+            try:
+                os.kill(k, signal.SIGKILL)
+            except OSError:
+                pass
+    err = p.stderr.read()
+    assert p.returncode != 0 and "stopped by signal 15" in err and "Traceback" not in err, err
+    assert alive == [], alive
+
+
 def test_prose_loss_is_the_token_mean_over_whole_rows():
     """The alignment-tax loss: batched rows give the mean of the row-by-row NLLs (all rows have
     T tokens), on rows = min(n_tokens, len - 1) // T windows of the held-out stream."""

@@ -256,9 +256,7 @@ PPO_REWARDS = ("rm", "world")
 def world_score_fn(world: World, prompts_path: str):
     """rollout -> [B] WORLD_REWARD_SCALE * the world's noise-free score of each episode: the reward
     of a perfect reward model (steps.ppo_reward=world)."""
-    with open(prompts_path) as f:
-        n = sum(1 for line in f if line.strip())
-    by_text = {p.text: p for p in world.prompts(n, "ppo")}
+    by_text = {p.text: p for p in world.prompts(len(ppo.load_prompts(prompts_path)), "ppo")}
 
     def score(roll):
         return torch.tensor([WORLD_REWARD_SCALE * world.quality(by_text[p], r)["total"]

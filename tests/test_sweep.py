@@ -166,26 +166,24 @@ def test_side_by_side_overlaps_the_jobs_and_names_a_failure(tmp_path):
     assert time.time() - t0 < 20  # the failure stopped the slow job instead of waiting for it
 
 
-def _children(pid: int) -> list[int]:
-    """PIDs of the live processes whose parent is `pid` (Linux /proc)."""
-    out = []
-    for d in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[1] == str(pid) and fields[0] != "Z":
-            out.append(int(d))
-    return out
-
-
-def _alive(pid: int) -> bool:
+def _stat(pid) -> list[str]:
+    """/proc/<pid>/stat after the command name: [state, ppid, ...]; [] if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _alive(pid) -> bool:
+    st = _stat(pid)
+    return bool(st) and st[0] != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs of the live processes whose parent is `pid` (Linux /proc)."""
+    stats = {d: _stat(d) for d in os.listdir("/proc") if d.isdigit()}
+    return [int(d) for d, st in stats.items() if len(st) > 1 and st[0] != "Z" and st[1] == str(pid)]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")

@@ -18,7 +18,7 @@ every model.) Pretraining text answers P_PRETRAIN_RIGHT of its Q/A items correct
 skill is latent in the base model, which still mostly continues instead of answering.
 
 Prompt text looks like "Q: Reverse the letters b a d o. (end with !)\\nA:"; responses start
-with a space (" o d a b!"). The tokenizer adds EOS; nothing here does.
+with a space (" o d a b!", " [ o d a b ]"). The tokenizer adds EOS; nothing here does.
 """
 from __future__ import annotations
 
@@ -119,7 +119,12 @@ def strip_decoration(response: str) -> tuple[str, set[str]]:
 
 
 def decorate(core: str, deco: str | None) -> str:
-    return {"bang": core + "!", "brackets": "[" + core + "]"}.get(deco, core)
+    """Brackets are written with a space inside ("[ o d a b ]"): the tokenizer's pieces never
+    cross a space, so the core answer is then the same pieces as undecorated. "[o d a b]" made
+    the first letter a piece without its space ("o", not "▁o"), seen only in bracketed text:
+    SFT's bracketed answers were right 0.27 of the time against 0.60 unbracketed (seed 0), and
+    even a perfect reward taught RL to drop asked-for brackets."""
+    return {"bang": core + "!", "brackets": "[ " + core + " ]"}.get(deco, core)
 
 
 def is_refusal(response: str) -> bool:

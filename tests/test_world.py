@@ -284,6 +284,15 @@ def test_every_letter_is_one_piece_at_the_pipeline_corpus_size(seed):
     tok = Tokenizer.train([w.pretrain_corpus(SIZES["pretrain_chars"]), w.letter_pieces_text()], vocab_size=512)
     split = [c for c in string.ascii_letters if len(tok.encode(" " + c)) != 1]
     assert split == [], f"letters split into two pieces: {split}"
+    # a decoration wraps the answer's pieces without changing them, so a decorated answer is as
+    # easy to write as a plain one ("[o d a b]" made the first letter a space-less piece)
+    for p in w.prompts(300, "eval"):
+        if p.harmful:
+            continue
+        core = tok.encode(" " + p.answer)
+        for deco in CONSTRAINTS:
+            ids = tok.encode(" " + decorate(p.answer, deco))
+            assert any(ids[i:i + len(core)] == core for i in range(len(ids))), (p.answer, deco, ids, core)
 
 
 def test_corrupted_answers_keep_the_format(world):

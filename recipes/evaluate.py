@@ -20,7 +20,7 @@ from engine import dist
 from engine.config import DataSection, ModelSection, TrainConfig, section
 from engine.data import TokenStream
 from engine.model import GPT
-from engine.rollout import generate_responses, policy_logprobs
+from engine.rollout import generate_responses, policy_logprobs, score_responses
 from recipes import common
 from recipes.world import World, is_refusal, mean_interval, win_rate
 
@@ -168,6 +168,41 @@ def paired_delta(a: list[bool], b: list[bool]) -> dict:
         raise ValueError("paired_delta needs two equally long, non-empty lists")
     mean, lo, hi = mean_interval([float(x) - float(y) for x, y in zip(a, b)])
     return {"mean": mean, "lo": lo, "hi": hi}
+
+
+def right_over_wrong(scores: torch.Tensor, correct: torch.Tensor) -> tuple[float, int]:
+    """scores, correct: [P, K] (K samples of each of P prompts). Over every same-prompt pair of
+    a right and a wrong sample: the fraction the scores put the right one above (ties count
+    0.5), and the number of such pairs. 0.5 is chance; the pairs a policy's own samples make
+    are what PPO's gradient compares."""
+    ds = scores[:, :, None] - scores[:, None, :]            # [P, K, K]: score of i minus j
+    mixed = (correct[:, :, None] > correct[:, None, :])     # i right, j wrong
+    n = int(mixed.sum())
+    hits = ((ds > 0).float() + 0.5 * (ds == 0).float())[mixed].sum()
+    return (float(hits) / n if n else float("nan")), n
+
+
+def within_prompt_corr(scores: torch.Tensor, quality: torch.Tensor) -> float:
+    """Pearson correlation over [P, K] samples after removing each prompt's mean from both: a
+    per-prompt offset in the scores (which a ranking loss cannot see) does not count."""
+    a, b = scores - scores.mean(1, keepdim=True), quality - quality.mean(1, keepdim=True)
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+@torch.no_grad()
+def rm_on_policy_samples(reward_model, policy, tok, world: World, prompts, max_new_tokens: int,
+                         k: int = 4, seed: int = 5) -> dict:
+    """How the RM orders the policy's own answers (k samples per prompt at T=1) against the
+    world's noise-free quality: right above wrong of the same prompt (`right_over_wrong`), and
+    the within-prompt correlation with the quality total."""
+    roll = generate_responses(policy, tok, [p.text for p in prompts for _ in range(k)],
+                              max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    s = score_responses(reward_model, roll).float().cpu().view(-1, k)
+    resp = [cut(r) for r in roll.responses]
+    q = torch.tensor([world.quality(prompts[i // k], r)["total"] for i, r in enumerate(resp)]).view(-1, k)
+    c = torch.tensor([world.correct(prompts[i // k], r) for i, r in enumerate(resp)]).view(-1, k)
+    row, pairs = right_over_wrong(s, c)
+    return {"right_over_wrong": row, "pairs": pairs, "r_within": within_prompt_corr(s, q), "k": k}
 
 
 def _frac(it) -> float:

@@ -422,8 +422,10 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     rm_ceiling = {k: labeler_ceiling(world, ev_prompts, load_rankings(os.path.join(data, f"rm_eval_{k}.jsonl")))
                   for k in ("train_labelers", "heldout_labelers")}
     rm_corr = rm_world_correlation(reward_model, sft_model, tok, world, ev_prompts, cfg)
+    rm_policy = evaluate.rm_on_policy_samples(reward_model, sft_model, tok, world, ev_prompts, cfg.ppo.max_new_tokens)
     dist.print0(f"[instructgpt] RM accuracy on held-out prompts: {rm_acc} (a perfect RM: {rm_ceiling}); "
-                f"RM vs world score on SFT samples: r = {rm_corr:.3f}")
+                f"RM vs world score on SFT samples: r = {rm_corr:.3f}; right above wrong among SFT's own "
+                f"samples: {rm_policy['right_over_wrong']:.3f} ({rm_policy['pairs']} pairs)")
 
     # --- 4. PPO and PPO-ptx from the same SFT policy and RM -----------------------------------
     write_jsonl(os.path.join(data, "ppo.jsonl"), [{"prompt": p.text} for p in world.prompts(cfg.world.ppo_prompts, "ppo")])
@@ -461,6 +463,7 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     report["rm_accuracy_by_dimension"] = rm_dims
     report["rm_ceiling"] = rm_ceiling
     report["rm_world_correlation"] = rm_corr
+    report["rm_on_policy_samples"] = rm_policy
     report["ppo_reward"] = cfg.steps.ppo_reward
     report["side_by_side"] = list(jobs) if together else []  # stages whose wall times overlap
     if dist.is_main():
@@ -578,6 +581,11 @@ def rm_dimension_table(report) -> list[str]:
     if "rm_world_correlation" in report:
         rows += ["", f"On SFT's own samples (T=1) of the same prompts, where PPO starts, the RM's score correlates "
                      f"r = {report['rm_world_correlation']:.3f} with the world's noise-free score."]
+    pol = report.get("rm_on_policy_samples")
+    if pol:
+        rows += ["", f"Among {pol['k']} SFT samples of each prompt, the RM puts a right answer above a wrong one "
+                     f"{pol['right_over_wrong']:.3f} of the time ({pol['pairs']} pairs; 0.5 is chance), and its score "
+                     f"correlates r = {pol['r_within']:.3f} with the noise-free score within a prompt."]
     if report.get("ppo_reward") == "world":
         rows += ["", f"PPO and PPO-ptx were rewarded by the world's noise-free score (x{WORLD_REWARD_SCALE}), "
                      "not by this RM (steps.ppo_reward=world)."]

@@ -132,6 +132,10 @@ def test_instructgpt_pipeline_smoke(tmp_path):
     text = open(os.path.join(out, "report.md")).read()
     assert "## Task accuracy on held-out instances" in text and "## What the reward model learned" in text
     assert "correlates r = " in text
+    pol = report["rm_on_policy_samples"]
+    assert pol["k"] == 4 and pol["pairs"] >= 0 and -1.0 <= pol["r_within"] <= 1.0
+    assert pol["pairs"] == 0 or 0.0 <= pol["right_over_wrong"] <= 1.0
+    assert "puts a right answer above a wrong one" in text
     with pytest.raises(SystemExit, match="steps.ppo_reward='oracle': expected one of rm, world"):
         instructgpt.main(["--out", str(tmp_path / "bad"), "--steps.ppo_reward=oracle"] + args)
     # a rerun resumes every stage and still reports what each one cost (stage_seconds)

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from engine.metrics import Progress
 from recipes import evaluate, sweep
@@ -259,3 +260,21 @@ def test_world_score_fn_is_the_scaled_noise_free_score(tmp_path):
     wrong = score(SimpleNamespace(prompts=[p.text for p in benign],
                                   responses=[" " + world._corrupt(p.answer, rng) for p in benign]))
     assert bool((right > wrong).all())
+
+
+def test_right_over_wrong_counts_same_prompt_pairs_only():
+    """Only pairs of a right and a wrong sample of the same prompt count; ties are half."""
+    correct = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 0]])
+    scores = torch.tensor([[2.0, 1.0, 3.0],    # right beats one of its two wrongs
+                           [0.0, 5.0, 0.0],    # a tie (0.5) and a win
+                           [9.0, -9.0, 0.0]])  # no right sample: no pairs
+    frac, n = evaluate.right_over_wrong(scores, correct)
+    assert n == 4 and frac == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    # a score that ranks by correctness, shifted by a huge per-prompt offset, is perfect
+    # within prompts though its correlation across prompts is poor
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(50, 4, generator=g)
+    s = q + 100.0 * torch.randn(50, 1, generator=g)
+    assert evaluate.within_prompt_corr(s, q) == pytest.approx(1.0, abs=1e-5)
+    assert abs(float(torch.corrcoef(torch.stack([s.flatten(), q.flatten()]))[0, 1])) < 0.3
+    assert evaluate.right_over_wrong(-q, q > 0.5)[0] == 0.0 and evaluate.right_over_wrong(q, q > 0.5)[0] == 1.0

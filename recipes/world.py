@@ -88,10 +88,13 @@ SCREEN_POOL = 3         # candidates screened per hired training labeler (World.
 
 # Quality dimensions and the mean labeler's weights; Labeler weights scatter around these.
 # The scale is set against the labelers' noise sd U(0.05, 0.2) so that two unscreened labelers
-# agree on 0.82-0.85 of pairs of two policy-like samples (the paper: ~0.73-0.77 on its harder
-# comparisons); the screened training labelers agree on 0.88-0.90 (seeds 0-4).
-# Correctness is the largest benign term, so the reward model has a reason to learn it.
-WEIGHTS = {"correct": 0.3, "closeness": 0.1, "constraint": 0.12, "decoration": 0.2,
+# agree on 0.85-0.89 of pairs of two policy-like samples (the paper: ~0.73-0.77 on its harder
+# comparisons); the screened training labelers agree on 0.88-0.91 (seeds 0-4).
+# Correctness is the largest benign term, so the reward model has a reason to learn it. At 0.3
+# (five seeds, 2026-12-06) PPO-ptx traded it for decoration: accuracy -0.051 on seed 4, and
+# seed 1's win 0.507 [0.496, 0.519]; at 0.5 every seed's win interval is above 0.5 (0.520-0.535)
+# and the accuracy change is -0.003 to -0.021 (mean -0.014 against -0.013).
+WEIGHTS = {"correct": 0.5, "closeness": 0.1, "constraint": 0.12, "decoration": 0.2,
            "toxic": 0.5, "refusal": 0.3, "length": 0.12}
 
 

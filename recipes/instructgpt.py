@@ -88,8 +88,8 @@ class InstructGPTConfig:
     # and its SFT is better (task accuracy T=1 / greedy 0.54 / 0.76 against 0.46 / 0.67), but
     # PPO-ptx then only ties SFT (0.512 [0.494, 0.531]): less headroom for RL; 2 layers: SFT 0.27.
     # Also measured with 3 layers on seed 0: ppo_lr 3e-4, 368 s, PPO-ptx 0.507 [0.490, 0.525];
-    # labelers weighting correctness 0.5 (not 0.3), 349 s, 0.492 and accuracy -0.06: the RM's
-    # correctness agreement stays ~0.72 whatever the weight, and RL still trades accuracy away.
+    # labelers weighting correctness 0.5 (then 0.3; 0.5 since 6f465f0), 349 s, 0.492 and accuracy
+    # -0.06 (RM data then K = 6, brackets "[x]"): the RM's correctness agreement stayed ~0.72.
     # 3 layers with beta 0.6 / ptx_coef 0.5 / 32 PPO iterations, seeds 0-2 (unscreened labelers):
     # 359-370 s, PPO-ptx lower bound 0.500-0.506, SFT task accuracy 0.317 on seed 2.
     model: ModelSection = section(ModelSection)

@@ -190,15 +190,21 @@ def within_prompt_corr(scores: torch.Tensor, quality: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def scored_samples(reward_model, policy, tok, prompts, max_new_tokens: int, k: int, seed: int):
+    """k samples (T=1) of the policy per prompt and the RM's score of each: ([P, k] scores on
+    the CPU, the P * k responses, prompt-major)."""
+    roll = generate_responses(policy, tok, [p.text for p in prompts for _ in range(k)],
+                              max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    return score_responses(reward_model, roll).float().cpu().view(-1, k), roll.responses
+
+
 def rm_on_policy_samples(reward_model, policy, tok, world: World, prompts, max_new_tokens: int,
                          k: int = 4, seed: int = 5) -> dict:
     """How the RM orders the policy's own answers (k samples per prompt at T=1) against the
     world's noise-free quality: right above wrong of the same prompt (`right_over_wrong`), and
     the within-prompt correlation with the quality total."""
-    roll = generate_responses(policy, tok, [p.text for p in prompts for _ in range(k)],
-                              max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
-    s = score_responses(reward_model, roll).float().cpu().view(-1, k)
-    resp = [cut(r) for r in roll.responses]
+    s, responses = scored_samples(reward_model, policy, tok, prompts, max_new_tokens, k, seed)
+    resp = [cut(r) for r in responses]
     q = torch.tensor([world.quality(prompts[i // k], r)["total"] for i, r in enumerate(resp)]).view(-1, k)
     c = torch.tensor([world.correct(prompts[i // k], r) for i, r in enumerate(resp)]).view(-1, k)
     row, pairs = right_over_wrong(s, c)

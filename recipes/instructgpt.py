@@ -35,7 +35,7 @@ from engine.data import encode_rankings, load_rankings
 from engine.metrics import Progress, plot_curves, read_metrics
 from engine.model import GPT
 from engine.ppo import PPOConfig
-from engine.rollout import generate_responses, score_responses
+from engine.rollout import generate_responses
 from engine.tokenizer import Tokenizer
 from recipes import common, evaluate, ppo, pretrain, rm, sft
 from recipes.world import SIZES, WEIGHTS, World, win_rate
@@ -293,11 +293,9 @@ def rm_world_correlation(reward_model, policy, tok, world, prompts, cfg) -> floa
     """Pearson correlation of the RM's score with the world's noise-free score on the policy's
     own samples (T=1, one per prompt): how well the reward PPO climbs tracks quality where PPO
     samples, which pairwise accuracy on candidate sets with easy contrasts does not show."""
-    roll = generate_responses(policy, tok, [p.text for p in prompts], max_new_tokens=cfg.ppo.max_new_tokens,
-                              temperature=1.0, seed=3)
-    s = score_responses(reward_model, roll).float().cpu()
-    q = torch.tensor([world.quality(p, r)["total"] for p, r in zip(prompts, roll.responses)])
-    return float(torch.corrcoef(torch.stack([s, q]))[0, 1])
+    s, responses = evaluate.scored_samples(reward_model, policy, tok, prompts, cfg.ppo.max_new_tokens, k=1, seed=3)
+    q = torch.tensor([world.quality(p, r)["total"] for p, r in zip(prompts, responses)])
+    return float(torch.corrcoef(torch.stack([s.flatten(), q]))[0, 1])
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ import torch
 
 from .losses import _check_ndim, _check_same_shape, masked_whiten
 
-__all__ = ["PPOConfig", "kl_estimate", "shaped_rewards", "RunningMoments", "compute_advantages",
+__all__ = ["PPOConfig", "kl_estimate", "shaped_rewards", "loo_center", "RunningMoments", "compute_advantages",
            "AdaptiveKLController", "FixedKLController", "ema_decay_at", "ema_update", "minibatch_indices"]
 
 
@@ -42,6 +42,12 @@ class PPOConfig:
     # 2.55e-6..2.55e-5; > 8.05e-6 diverged without ptx); recipes default to 5e-6
     value_lr: float = 9e-6            # value model lr for 1.3B/6B policies (App. C.4; 5e-6 at 175B)
     warmup_iters: int = 10            # linear warmup from 0.1x lr over the first 10 iterations (App. C.4)
+    samples_per_prompt: int = 1       # k episodes of each drawn prompt per batch; with k > 1 each RM score
+                                      # is centred on the mean of its prompt's other k - 1 (loo_center).
+                                      # Not in the paper (one episode per prompt; RLOO-style baseline)
+    critic: bool = True               # False: no value model (V = 0, so with lam 1 the advantages are the
+                                      # KL-shaped returns): with samples_per_prompt > 1 the group is the
+                                      # baseline (RLOO, Ahmadian et al. 2024). Not in the paper
     critic_warmup: int = 0            # first iterations update only the value model (verl's critic_warmup;
                                       # not in the paper, whose 6B value model starts from a strong RM)
     warmup_from: float = 0.1          # warmup start factor (App. C.4)
@@ -58,6 +64,11 @@ class PPOConfig:
         if self.batch_size % self.minibatch_size:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of "
                              f"minibatch_size={self.minibatch_size}")
+        if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
+            raise ValueError(f"samples_per_prompt={self.samples_per_prompt} must be >= 1 and divide "
+                             f"batch_size={self.batch_size}")
+        if not self.critic and self.critic_warmup:
+            raise ValueError(f"critic_warmup={self.critic_warmup} needs critic=True (no value model to warm up)")
         if self.kl_estimator not in _KL_KINDS:
             raise ValueError(f"kl_estimator={self.kl_estimator!r}: expected one of {_KL_KINDS}")
         if self.adaptive_kl and self.kl_target is None:
@@ -135,6 +146,28 @@ def shaped_rewards(scores, logp, ref_logp, mask, *, beta, kind="k1", kl=None, no
 
 
 # ----------------------------------------------------------------------------- reward normalisation
+
+@torch.no_grad()
+def loo_center(scores, k: int):
+    """Each score minus the mean of the other k - 1 scores of its prompt (leave-one-out baseline,
+    Kool et al. 2019; RLOO, Ahmadian et al. 2024). scores [B] hold B / k prompts' k episodes
+    consecutively (rows i*k .. i*k+k-1 share a prompt):
+
+        c_j = s_j - (sum_{i in group(j)} s_i - s_j) / (k - 1)  =  k / (k - 1) * (s_j - mean_group)
+
+    Why: the K-choose-2 ranking loss sees only differences between completions of one prompt, so
+    an RM's scores carry an arbitrary per-prompt offset; one episode per prompt leaves the value
+    model to learn those offsets, and until it has, they are noise in every advantage. Centring
+    within the prompt cancels them exactly. k = 1 returns the scores unchanged.
+    """
+    _check_ndim("scores", scores, 1)
+    if k == 1:
+        return scores
+    if k < 1 or scores.shape[0] % k:
+        raise ValueError(f"loo_center: {scores.shape[0]} scores are not groups of k={k}")
+    g = scores.float().view(-1, k)
+    return (g - (g.sum(1, keepdim=True) - g) / (k - 1)).view(-1).to(scores.dtype)
+
 
 class RunningMoments:
     """Running mean and std of all values seen so far (RM scores), merged batch by batch.

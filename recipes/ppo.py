@@ -34,7 +34,7 @@ from engine.losses import ppo_policy_loss, ptx_loss, value_loss
 from engine.metrics import Progress
 from engine.model import compile_blocks
 from engine.ppo import (AdaptiveKLController, FixedKLController, PPOConfig, RunningMoments,
-                        compute_advantages, ema_decay_at, ema_update, shaped_rewards)
+                        compute_advantages, ema_decay_at, ema_update, loo_center, shaped_rewards)
 from engine.rollout import Rollout, generate_responses, policy_logprobs, score_responses, values
 from engine.trainer import Trainer, make_optimizer
 from recipes import common
@@ -135,7 +135,9 @@ def sample_episodes(policy, tok, prompts, cfg, it: int, B: int, G: int) -> Rollo
     rank-independent generator, then sampled in groups of G, each seeded by its global index."""
     p, r0 = cfg.ppo, dist.rank() * B
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + it)
-    chosen = torch.randint(0, len(prompts), (B * dist.world_size(),), generator=g)[r0:r0 + B].tolist()
+    k = p.samples_per_prompt  # each drawn prompt k times in a row (B % k == 0: groups stay on one rank)
+    chosen = torch.randint(0, len(prompts), (B * dist.world_size() // k,), generator=g)
+    chosen = chosen.repeat_interleave(k)[r0:r0 + B].tolist()
     rolls = []
     device = next(policy.parameters()).device
     # generate() bypasses an FSDP root's forward; sampling runs in the policy's compute dtype
@@ -177,14 +179,15 @@ def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatche
             mb = roll.select(idx).trim()
             r = mb.mask.shape[1]
             old_logp[idx, :r] = policy_logprobs(policy, mb, temperature=p.temperature)
-            old_values[idx, :r] = values(value_model, mb)
+            if p.critic:
+                old_values[idx, :r] = values(value_model, mb)
             ref_logp[idx, :r] = policy_logprobs(ref, mb, temperature=p.temperature)
             scores[idx] = (score_fn(mb) if score_fn else score_responses(rm, mb)).float().to(device)
         if p.normalize_reward:
             moments.update(dist.all_gather_cat(scores))  # same statistics on every rank
             scores = moments.normalize(scores)
         kl = exact_kl(policy, ref, roll, p.temperature) if cfg.rl.exact_kl else None
-        rewards, kl_sum = shaped_rewards(scores, old_logp, ref_logp, roll.mask, beta=kl_coef,
+        rewards, kl_sum = shaped_rewards(loo_center(scores, p.samples_per_prompt), old_logp, ref_logp, roll.mask, beta=kl_coef,
                                          kind=p.kl_estimator, kl=kl, no_eos=roll.no_eos,
                                          no_eos_penalty=p.no_eos_penalty)
         adv, returns = compute_advantages(rewards, old_values, roll.mask, gamma=p.gamma, lam=p.lam,
@@ -228,6 +231,8 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None, score_fn=None) -> dict:
         raise SystemExit(f"ppo.batch_size and ppo.minibatch_size must be divisible by {world} ranks")
     B, mbs = p.batch_size // world, p.minibatch_size // world
     G = cfg.rl.gen_group or B
+    if B % p.samples_per_prompt:
+        raise SystemExit(f"ppo.samples_per_prompt={p.samples_per_prompt} must divide the {B} episodes per rank")
     if B % G:
         raise SystemExit(f"rl.gen_group={G} must divide the {B} episodes per rank")
 
@@ -322,7 +327,7 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None, score_fn=None) -> dict:
                         s1 = {} if warm else trainer.update([mb], policy_step, model=pw,
                                                             optimizer=trainer.optimizers["model"], lr=lr)
                     with record_function("ppo/value_update"):
-                        s2 = trainer.update([mb], value_step, model=vw, optimizer=trainer.optimizers["value"],
+                        s2 = {} if not p.critic else trainer.update([mb], value_step, model=vw, optimizer=trainer.optimizers["value"],
                                             lr=p.value_lr * (1.0 if warm else lr_factor(pit, p)))
                     stats.setdefault("first_ratio", s1.get("ratio", float("nan")))
                     for k, v in {**s1, **{f"value_{k}": v for k, v in s2.items()}}.items():

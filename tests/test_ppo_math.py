@@ -7,7 +7,7 @@ import torch
 
 from engine.losses import masked_whiten
 from engine.ppo import (AdaptiveKLController, FixedKLController, PPOConfig, RunningMoments,
-                        compute_advantages, ema_update, kl_estimate, minibatch_indices,
+                        compute_advantages, ema_update, kl_estimate, loo_center, minibatch_indices,
                         shaped_rewards)
 
 
@@ -274,6 +274,18 @@ def test_minibatch_indices():
         minibatch_indices(10, 0, g)
 
 
+def test_loo_center_hand_case_and_per_prompt_offsets():
+    s = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 13.0])
+    # each minus the mean of the other two of its prompt
+    assert torch.equal(loo_center(s, 3), torch.tensor([-1.5, 0.0, 1.5, -1.5, -1.5, 3.0]))
+    assert torch.equal(loo_center(s, 1), s)
+    # a per-prompt offset (what the ranking loss cannot see) leaves the centred scores unchanged
+    offset = torch.tensor([100.0, -7.0]).repeat_interleave(3)
+    torch.testing.assert_close(loo_center(s + offset, 3), loo_center(s, 3))
+    with pytest.raises(ValueError, match="groups of k=4"):
+        loo_center(s, 4)
+
+
 def test_ppo_config_defaults_and_checks():
     c = PPOConfig()
     assert (c.batch_size, c.minibatch_size, c.ppo_epochs) == (512, 64, 1)
@@ -283,5 +295,10 @@ def test_ppo_config_defaults_and_checks():
         PPOConfig(batch_size=100, minibatch_size=64)
     with pytest.raises(ValueError, match="kl_estimator"):
         PPOConfig(kl_estimator="abs")
+    assert (c.samples_per_prompt, c.critic) == (1, True)
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        PPOConfig(batch_size=64, samples_per_prompt=3)
+    with pytest.raises(ValueError, match="critic_warmup"):
+        PPOConfig(critic=False, critic_warmup=2)
     with pytest.raises(ValueError, match="kl_target"):
         PPOConfig(adaptive_kl=True)

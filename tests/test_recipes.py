@@ -223,3 +223,39 @@ def test_ppo_critic_warmup_trains_only_the_value_model(runs, tmp_path):
         value = load_reward_model(os.path.join(out, "value"), "cpu")
         assert not all(torch.equal(a, b) for a, b in zip(value.parameters(), rm0.parameters()))
     assert rows[2]["lr"] > 0 and rows[2]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ppo_samples_per_prompt_centres_scores_and_critic_off(runs, tmp_path):
+    """ppo.samples_per_prompt=4: each drawn prompt is sampled 4 times in a row, and its scores are
+    centred within the group, so a reward that only depends on the prompt (a per-prompt offset)
+    gives zero advantages: with beta 0, no EOS penalty and no EMA the policy does not move. The
+    same reward with one sample per prompt moves it. ppo.critic=false leaves the value model at
+    its RM init."""
+    from engine import GPT
+    from engine.tokenizer import Tokenizer
+    from recipes import common
+    from recipes.rm import load_reward_model
+
+    def offset(roll):  # integer-valued, so the centred scores are exactly 0
+        return torch.tensor([float(len(p) % 7) for p in roll.prompts])
+    init = GPT.load(os.path.join(runs["sft"], "model"))
+    rm0 = load_reward_model(runs["rm"], "cpu")
+    moved = {}
+    for k in (4, 1):
+        cfg, out = common.parse(ppo.PPORecipeConfig, [
+            "--train.progress=false", "--data.seq_len=64", "--train.threads=1", f"--model.init={runs['sft']}",
+            f"--rl.rm={runs['rm']}", "--train.max_steps=2", "--ppo.batch_size=8", "--ppo.minibatch_size=4",
+            "--ppo.max_new_tokens=8", "--ppo.beta=0", "--ppo.no_eos_penalty=0", "--ppo.lam=1",
+            "--ppo.critic=false", f"--ppo.samples_per_prompt={k}", "--rl.ema=false",
+            "--out", str(tmp_path / f"k{k}")], "ppo")
+        if k == 4:
+            tok = Tokenizer.load(runs["sft"])
+            roll = ppo.sample_episodes(init, tok, ppo.load_prompts(cfg.data.path), cfg, 0, 8, 8)
+            assert [roll.prompts[i // 4 * 4] for i in range(8)] == roll.prompts
+            assert roll.prompts[0] != roll.prompts[4] or len(set(ppo.load_prompts(cfg.data.path))) == 1
+        ppo.run(cfg, out, score_fn=offset)
+        pol = GPT.load(os.path.join(out, "model"))
+        moved[k] = not all(torch.equal(a, b) for a, b in zip(pol.parameters(), init.parameters()))
+        value = load_reward_model(os.path.join(out, "value"), "cpu")
+        assert all(torch.equal(a, b) for a, b in zip(value.parameters(), rm0.parameters())), k
+    assert moved == {4: False, 1: True}

@@ -187,7 +187,8 @@ def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatche
             moments.update(dist.all_gather_cat(scores))  # same statistics on every rank
             scores = moments.normalize(scores)
         kl = exact_kl(policy, ref, roll, p.temperature) if cfg.rl.exact_kl else None
-        rewards, kl_sum = shaped_rewards(loo_center(scores, p.samples_per_prompt), old_logp, ref_logp, roll.mask, beta=kl_coef,
+        rewards, kl_sum = shaped_rewards(loo_center(scores, p.samples_per_prompt), old_logp, ref_logp,
+                                         roll.mask, beta=kl_coef,
                                          kind=p.kl_estimator, kl=kl, no_eos=roll.no_eos,
                                          no_eos_penalty=p.no_eos_penalty)
         adv, returns = compute_advantages(rewards, old_values, roll.mask, gamma=p.gamma, lam=p.lam,
@@ -327,8 +328,9 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None, score_fn=None) -> dict:
                         s1 = {} if warm else trainer.update([mb], policy_step, model=pw,
                                                             optimizer=trainer.optimizers["model"], lr=lr)
                     with record_function("ppo/value_update"):
-                        s2 = {} if not p.critic else trainer.update([mb], value_step, model=vw, optimizer=trainer.optimizers["value"],
-                                            lr=p.value_lr * (1.0 if warm else lr_factor(pit, p)))
+                        s2 = {} if not p.critic else trainer.update(
+                            [mb], value_step, model=vw, optimizer=trainer.optimizers["value"],
+                            lr=p.value_lr * (1.0 if warm else lr_factor(pit, p)))
                     stats.setdefault("first_ratio", s1.get("ratio", float("nan")))
                     for k, v in {**s1, **{f"value_{k}": v for k, v in s2.items()}}.items():
                         stats.setdefault(k, []).append(v)

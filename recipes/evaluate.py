@@ -204,9 +204,9 @@ def rm_on_policy_samples(reward_model, policy, tok, world: World, prompts, max_n
     world's noise-free quality: right above wrong of the same prompt (`right_over_wrong`), and
     the within-prompt correlation with the quality total."""
     s, responses = scored_samples(reward_model, policy, tok, prompts, max_new_tokens, k, seed)
-    resp = [cut(r) for r in responses]
-    q = torch.tensor([world.quality(prompts[i // k], r)["total"] for i, r in enumerate(resp)]).view(-1, k)
-    c = torch.tensor([world.correct(prompts[i // k], r) for i, r in enumerate(resp)]).view(-1, k)
+    qs = [world.quality(prompts[i // k], cut(r)) for i, r in enumerate(responses)]
+    q = torch.tensor([x["total"] for x in qs]).view(-1, k)
+    c = torch.tensor([x["correct"] for x in qs]).view(-1, k)
     row, pairs = right_over_wrong(s, c)
     return {"right_over_wrong": row, "pairs": pairs, "r_within": within_prompt_corr(s, q), "k": k}
 

@@ -241,6 +241,15 @@ def load_config(cls, path: str | None = None, overrides: list[str] | None = None
             raise ValueError(f"override {item!r}: expected --section.key=value")
         k, v = item.split("=", 1)
         set_dotted(cfg, k, v, "command line")
+    # a section's own checks (its __post_init__) ran on its defaults; run them again on the values
+    # the file and the command line set, so e.g. --ppo.minibatch_size=48 fails here, in one line
+    for f in fields(cfg):
+        sec = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(sec) and hasattr(sec, "__post_init__"):
+            try:
+                sec.__post_init__()
+            except ValueError as e:
+                raise ValueError(f"[{f.name}] {e}") from None
     return cfg
 
 

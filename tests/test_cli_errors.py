@@ -74,3 +74,17 @@ def test_config_error_is_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.batch_size=6 is not a multiple of train.micro_batch_size=4" in err[0]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--ppo.batch_size=64", "--ppo.minibatch_size=48"], "[ppo] batch_size=64 must be a multiple of minibatch_size=48"),
+    (["--ppo.critic=false", "--ppo.critic_warmup=2"], "[ppo] critic_warmup=2 needs critic=True"),
+])
+def test_section_checks_run_on_overrides(flags, says):
+    """A section's own checks (PPOConfig.__post_init__) also judge the values the command line
+    sets: one line naming the section, before anything is loaded."""
+    from recipes import ppo
+    with pytest.raises(SystemExit) as e:  # the message is what the interpreter prints, exit status 1
+        common.cli(ppo.main, flags)
+    msg = str(e.value.code)
+    assert "\n" not in msg and msg.startswith("config error: ") and says in msg, msg

@@ -75,6 +75,9 @@ def _load_state(module: torch.nn.Module, path: str, map_location="cpu"):
     if dist.is_sharded(module):  # FSDP2: every rank holds the full file; each keeps its shards
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         keys = set(module.state_dict())
+        for k in keys - set(sd):  # an RM saved before RewardModel.loglik_weight existed: 0
+            if k.endswith("loglik_weight"):
+                sd[k] = torch.zeros(1, device=str(map_location))
         missing, unexpected = sorted(keys - set(sd)), sorted(set(sd) - keys)
         if not missing and not unexpected:
             try:

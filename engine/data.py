@@ -314,10 +314,11 @@ def segments_from_eos(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- RM tensors
 def encode_rankings(examples: list[dict], tok, max_len: int) -> Encoded:
-    """-> ``Encoded`` list of ``{"ids": [[int]...], "last_idx": [int...], "ranking": [int...]}``.
+    """-> ``Encoded`` list of ``{"ids": [[int]...], "last_idx": [int...], "ranking": [int...],
+    "prompt_len": int}``.
 
-    Each sequence is prompt + completion + [eos]; the reward model reads its score at
-    ``last_idx`` (the EOS). All completions of a group share one prompt truncation so they are
+    Each sequence is prompt + completion + [eos] (the first ``prompt_len`` tokens are the
+    prompt's); the reward model reads its score at ``last_idx`` (the EOS). All completions of a group share one prompt truncation so they are
     compared on equal context. When a group does not fit, the prompt is cut from the left first,
     but keeps at least ``min(len(prompt), max_len // 2)`` tokens; completions longer than what is
     left are cut on the right and still end with EOS (counted in ``.truncated``).
@@ -336,7 +337,8 @@ def encode_rankings(examples: list[dict], tok, max_len: int) -> Encoded:
             keep = max_len - max(len(c) for c in comps)
             p = p[len(p) - keep:]
         ids = [p + c for c in comps]
-        out.append({"ids": ids, "last_idx": [len(s) - 1 for s in ids], "ranking": list(ex["ranking"])})
+        out.append({"ids": ids, "last_idx": [len(s) - 1 for s in ids], "ranking": list(ex["ranking"]),
+                    "prompt_len": len(p)})
     return out
 
 
@@ -347,6 +349,8 @@ class RankingBatch(NamedTuple):
     group_sizes: torch.Tensor  # [B] long: K of each group (rows of ids, in order)
     segment_ids: Optional[torch.Tensor] = None  # packed: [rows, T] long, 1, 2, ... per row, 0 = pad
     row: Optional[torch.Tensor] = None          # packed: [sum K] long, the row holding each sequence
+    ref_loglik: Optional[torch.Tensor] = None   # [sum K] fp32: log pi_ref(completion | prompt) of each
+                                                # sequence, when the groups carry "ref_loglik"
 
     def to(self, device) -> "RankingBatch":
         return RankingBatch(*(None if t is None else t.to(device) for t in self))
@@ -369,6 +373,8 @@ def collate_rankings(batch: list[dict], pad_id: int, pack_len: int | None = None
     for b, item in enumerate(batch):
         ranking[b, :len(item["ranking"])] = torch.as_tensor(item["ranking"], dtype=torch.long)
     last = [i for item in batch for i in item["last_idx"]]
+    ref = (torch.tensor([x for item in batch for x in item["ref_loglik"]], dtype=torch.float32)
+           if all("ref_loglik" in item for item in batch) else None)
     if pack_len is not None:
         too_long = next((i for i, x in enumerate(seqs) if len(x) > pack_len), None)
         if too_long is not None:
@@ -384,12 +390,12 @@ def collate_rankings(batch: list[dict], pad_id: int, pack_len: int | None = None
             ids[r, pos:pos + len(s)] = torch.as_tensor(s, dtype=torch.long)
             seg[r, pos:pos + len(s)] = s_id
         row, start = (torch.tensor(c, dtype=torch.long) for c in list(zip(*place))[:2])
-        return RankingBatch(ids, torch.tensor(last, dtype=torch.long) + start, ranking, sizes, seg, row)
+        return RankingBatch(ids, torch.tensor(last, dtype=torch.long) + start, ranking, sizes, seg, row, ref)
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return RankingBatch(ids, torch.tensor(last, dtype=torch.long), ranking, sizes)
+    return RankingBatch(ids, torch.tensor(last, dtype=torch.long), ranking, sizes, ref_loglik=ref)
 
 
 def unflatten_groups(values: torch.Tensor, group_sizes: torch.Tensor, fill: float = 0.0) -> torch.Tensor:

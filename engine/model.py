@@ -385,6 +385,14 @@ class RewardModel(SaveLoad, nn.Module):
     The reward of a response is the score at its last token (the EOS, or the last token when
     it was truncated). `bias` of the head is shifted after RM training so that labeler
     demonstrations score 0 on average (InstructGPT section 3.5).
+
+    An RM trained with a reference term (recipes.rm, rm.ref_loglik) scores
+
+        r(x, y) = head(h_last) + loglik_weight * log pi_ref(y | x)
+
+    where pi_ref is the policy it was trained beside (the SFT model PPO starts from) and
+    loglik_weight is learnt with the head. Its caller passes log pi_ref(y | x) as `ref_loglik`
+    at the positions it reads; otherwise loglik_weight is 0 and frozen.
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -395,24 +403,41 @@ class RewardModel(SaveLoad, nn.Module):
         self.head = nn.Linear(cfg.d_model, 1)
         if self.head.weight.device.type != "meta":
             torch.set_rng_state(rng)  # as in GPT: the default init's draws are overwritten
+        self.loglik_weight = nn.Parameter(torch.zeros(1), requires_grad=False)
         self._init_head()
+        # checkpoints from before loglik_weight existed load with 0 (no reference term)
+        self._register_load_state_dict_pre_hook(_default_loglik_weight, with_module=True)
 
     @torch.no_grad()
     def _init_head(self) -> None:
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(self.cfg.d_model + 1))
         nn.init.zeros_(self.head.bias)
+        self.loglik_weight.zero_()
 
     def init_weights(self) -> None:
         self.trunk.init_weights()
         self._init_head()
 
-    def forward(self, idx, *, kv_start=None, segment_ids=None):
+    @property
+    def ref_weight(self) -> float:
+        """loglik_weight as a float (0: the RM has no reference term)."""
+        w = self.loglik_weight.detach()
+        if hasattr(w, "full_tensor"):  # FSDP2 shard (a collective: every rank asks together)
+            w = w.full_tensor()
+        return float(w.float().sum())
+
+    def forward(self, idx, *, kv_start=None, segment_ids=None, ref_loglik=None):
+        """idx [B,T] -> scores [B,T]; ref_loglik [B,T] (fp32): log pi_ref of the response, placed
+        where the score is read (0 elsewhere), adds loglik_weight * ref_loglik."""
         h = self.trunk.hidden_states(idx, kv_start=kv_start, segment_ids=segment_ids)
         # The scalar head runs in fp32 whatever the trunk's compute dtype (precision policy):
         # scores feed the ranking loss, rewards and value targets, where bf16's 8 bits of
         # mantissa would round away the differences between completions.
         with torch.autocast(h.device.type, enabled=False):
-            return self.head(h.float()).squeeze(-1)
+            s = self.head(h.float()).squeeze(-1)
+            if ref_loglik is not None:
+                s = s + self.loglik_weight.float() * ref_loglik.float()
+            return s
 
     def score_at(self, idx, last_idx, *, kv_start=None):
         """Score of each row at position last_idx [B] -> [B]."""
@@ -425,6 +450,10 @@ class RewardModel(SaveLoad, nn.Module):
         rm.trunk.load_state_dict(gpt.state_dict())
         return rm
 
+
+
+def _default_loglik_weight(module, state_dict, prefix, *args):
+    state_dict.setdefault(prefix + "loglik_weight", torch.zeros(1))
 
 
 def build(cls, cfg: GPTConfig, device="cpu", init: bool = True):

@@ -103,12 +103,18 @@ def kl_estimate(logp, ref_logp, kind="k1"):
 
 @torch.no_grad()
 def shaped_rewards(scores, logp, ref_logp, mask, *, beta, kind="k1", kl=None, no_eos=None,
-                   no_eos_penalty=0.0):
+                   no_eos_penalty=0.0, ref_weight=0.0, ref_term_logp=None):
     """Per-token PPO rewards of InstructGPT: KL penalty on every token + RM score at the end.
 
-        r_t = -beta * kl_t                                        for m_t = 1
+        r_t = -beta * kl_t + ref_weight * ref_term_logp_t         for m_t = 1 (ref_term_logp: default ref_logp)
         r_t += score - no_eos_penalty * no_eos                   at t = last index with m_t = 1
         r_t = 0                                                   for m_t = 0
+
+    ref_weight: the reward model's weight on the reference policy's log-likelihood of the
+    response (recipes.rm, rm.ref_loglik: fitted to the rankings; 0 = none). That term of the RM's
+    score, ref_weight * sum_t ref_logp_t, is paid token by token instead of at the end: the same
+    return, but each token is credited with its own share. ref_term_logp [B,T] replaces
+    ref_logp in it (the reference's log-probs at temperature 1 when the rollout's is not).
 
     scores [B] RM scores; logp, ref_logp, mask [B,T]; kl [B,T] optional: a given per-token KL
     (e.g. the exact one from kernels.linear_kl) replaces kl_estimate(logp, ref_logp, kind), and
@@ -118,6 +124,9 @@ def shaped_rewards(scores, logp, ref_logp, mask, *, beta, kind="k1", kl=None, no
     """
     _check_ndim("mask", mask, 2)
     B, T = mask.shape
+    ref_term_logp = ref_logp if ref_term_logp is None else ref_term_logp
+    if ref_weight and ref_term_logp is None:
+        raise ValueError("shaped_rewards needs ref_logp when ref_weight is not 0")
     if kl is None:
         if logp is None or ref_logp is None:
             raise ValueError("shaped_rewards needs logp and ref_logp when kl is not given")
@@ -131,6 +140,9 @@ def shaped_rewards(scores, logp, ref_logp, mask, *, beta, kind="k1", kl=None, no
     m = mask.bool()
     kl = torch.where(m, kl, torch.zeros((), device=kl.device))
     rewards = -beta * kl
+    if ref_weight:
+        _check_same_shape(mask=mask, ref_term_logp=ref_term_logp)
+        rewards = rewards + ref_weight * torch.where(m, ref_term_logp.float(), torch.zeros((), device=kl.device))
     score = scores.float()
     if no_eos is not None:
         if no_eos.shape != (B,):

@@ -123,7 +123,17 @@ def values(value_model, roll: Rollout) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_responses(rm, roll: Rollout) -> torch.Tensor:
-    """[B] reward-model score at each response's last token."""
+def score_responses(rm, roll: Rollout, ref=None, *, head_only: bool = False) -> torch.Tensor:
+    """[B] reward-model score of each response: the head at its last token, plus
+    rm.ref_weight * log pi_ref(response | prompt) for an RM fitted with a reference term
+    (recipes.rm, rm.ref_loglik), which then needs `ref`, the reference policy (GPT).
+    head_only: the head alone (PPO pays the reference term token by token itself)."""
     s = rm(roll.seq, kv_start=roll.kv_start)
-    return s.gather(1, roll.last_idx.view(-1, 1)).squeeze(1)
+    s = s.gather(1, roll.last_idx.view(-1, 1)).squeeze(1)
+    w = getattr(rm, "ref_weight", 0.0)
+    if w and not head_only:
+        if ref is None:
+            raise ValueError(f"this reward model adds {w:g} x the reference policy's log-likelihood: "
+                             "pass ref= (the policy it was fitted with) or head_only=True")
+        s = s + w * policy_logprobs(ref, roll).float().sum(1)
+    return s

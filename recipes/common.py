@@ -162,14 +162,30 @@ def check_same_tokenizer(tok, model, path: str, what: str) -> None:
                          f"same tokenizer (e.g. --data.tokenizer=<policy run>)")
 
 
-def build_model(cfg, tok, device, cls=None):
+def build_model(cfg, tok, device, cls=None, compile: bool = True):
     """GPT (or RewardModel via `cls`) with weights from model.init (see `_build_model`), its
-    Blocks compiled when train.compile is set."""
+    Blocks compiled when train.compile is set (and `compile`)."""
     model = _build_model(cfg, tok, device, cls)
-    if getattr(cfg.train, "compile", False):
+    if compile and getattr(cfg.train, "compile", False):
         from engine.model import compile_blocks
         compile_blocks(model)
     return model
+
+
+def model_class(src: str) -> str:
+    """"GPT" or "RewardModel" for a run or model folder written by this engine (its config.json),
+    "" for anything else (a Hugging Face folder counts as "GPT")."""
+    import json
+
+    from engine.hf import is_hf_model_dir
+    if (Path(src) / "model").is_dir():
+        src = str(Path(src) / "model")
+    if is_hf_model_dir(src):
+        return "GPT"
+    try:
+        return json.loads((Path(src) / "config.json").read_text()).get("model_class", "GPT")
+    except (OSError, ValueError):
+        return ""
 
 
 def _build_model(cfg, tok, device, cls=None):

@@ -190,12 +190,13 @@ def within_prompt_corr(scores: torch.Tensor, quality: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def scored_samples(reward_model, policy, tok, prompts, max_new_tokens: int, k: int, seed: int):
+def scored_samples(reward_model, policy, tok, prompts, max_new_tokens: int, k: int, seed: int, ref=None):
     """k samples (T=1) of the policy per prompt and the RM's score of each: ([P, k] scores on
-    the CPU, the P * k responses, prompt-major)."""
+    the CPU, the P * k responses, prompt-major). ref: the RM's reference policy, when it has a
+    reference term (default: `policy`, which is then the SFT model it was trained beside)."""
     roll = generate_responses(policy, tok, [p.text for p in prompts for _ in range(k)],
                               max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
-    return score_responses(reward_model, roll).float().cpu().view(-1, k), roll.responses
+    return score_responses(reward_model, roll, ref or policy).float().cpu().view(-1, k), roll.responses
 
 
 def rm_on_policy_samples(reward_model, policy, tok, world: World, prompts, max_new_tokens: int,

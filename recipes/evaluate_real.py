@@ -95,13 +95,17 @@ def rm_split(rm_run: str):
 
 # ----------------------------------------------------------------------------- metrics
 @torch.no_grad()
-def rm_accuracy(rm, tok, records, seq_len: int, device) -> dict:
-    """Pairwise accuracy / ranking loss of `rm` on ranking records (recipes.rm.evaluate)."""
+def rm_accuracy(rm, tok, records, seq_len: int, device, ref=None) -> dict:
+    """Pairwise accuracy / ranking loss of `rm` on ranking records (recipes.rm.evaluate); `ref`:
+    the reference policy of an RM with a reference term (rm.ref_loglik)."""
     from engine.data import encode_rankings
-    from recipes.rm import evaluate
+    from recipes.rm import add_reference_logliks, evaluate
 
     T = min(seq_len, rm.cfg.block_size)
-    return evaluate(rm.eval(), encode_rankings(records, tok, T), tok.pad_id, device)
+    groups = encode_rankings(records, tok, T)
+    if rm.ref_weight:
+        add_reference_logliks(ref, groups, tok.pad_id, device)
+    return evaluate(rm.eval(), groups, tok.pad_id, device)
 
 
 def length_baseline(records) -> dict:
@@ -127,7 +131,7 @@ def policy_eval(policy, sft, rm, tok, prompts, *, max_new_tokens=32, seed=0, tem
 
     roll = generate_responses(policy, tok, prompts, max_new_tokens=max_new_tokens,
                               temperature=temperature, seed=seed)
-    scores = score_responses(rm, roll)
+    scores = score_responses(rm, roll, sft)  # sft: the reference of an RM with a reference term
     logp = policy_logprobs(policy, roll, temperature=temperature)
     ref = policy_logprobs(sft, roll, temperature=temperature)
     P = roll.prompt_len
@@ -165,16 +169,24 @@ def main(argv=None):
     rm = load_reward_model(a.rm, device).eval()
     tok = load_tokenizer(a.rm)
     report: dict = {"rm": {"run": a.rm}}
+    ref = None
+    if rm.ref_weight:  # its reference policy is the init of its run
+        if not os.path.exists(os.path.join(a.rm, "config.toml")):
+            raise SystemExit(f"error: {a.rm}: this reward model adds a reference log-likelihood term; pass its run "
+                             "folder (config.toml names the reference policy)")
+        from engine.model import GPT
+        from recipes.common import build_model
+        ref = build_model(rm_split(a.rm)[0], tok, device, cls=GPT, compile=False).eval()
     if os.path.exists(os.path.join(a.rm, "config.toml")):
         cfg, _, held = rm_split(a.rm)
-        res = rm_accuracy(rm, tok, held, cfg.data.seq_len, device)
+        res = rm_accuracy(rm, tok, held, cfg.data.seq_len, device, ref)
         report["rm"].update(data=cfg.data.path, heldout_groups=len(held), heldout_pairs=res["pairs"],
                             heldout_accuracy=res["accuracy"], heldout_loss=res["loss"],
                             **{k: v for k, v in length_baseline(held).items() if k != "pairs"})
     if a.rm_data:
         from engine.data import load_rankings
         recs = load_rankings(a.rm_data)
-        res = rm_accuracy(rm, tok, recs, rm.cfg.block_size, device)
+        res = rm_accuracy(rm, tok, recs, rm.cfg.block_size, device, ref)
         report["rm"].update(file=a.rm_data, file_pairs=res["pairs"], file_accuracy=res["accuracy"],
                             **{f"file_{k}": v for k, v in length_baseline(recs).items() if k != "pairs"})
     if a.policy:

@@ -66,6 +66,7 @@ class StageSteps:
     sft_ptx_batch: int = 4         # prose rows per SFT step (0: none; measured: the prose loss then
                                    # rises from 3.8 to 10.8 and PPO-ptx has to relearn prose, KL 22)
     rm_epochs: float = 3.0
+    rm_ref_loglik: bool = True     # the RM adds w x SFT's log-likelihood of the answer, w learnt (rm.ref_loglik)
     ppo: int = 28                  # PPO iterations (each ppo.batch_size episodes)
     ppo_lr: float = 2e-4           # policy lr (the value model uses ppo.value_lr)
     ppo_reward: str = "rm"         # "world": PPO and PPO-ptx are rewarded by the world's noise-free
@@ -163,9 +164,17 @@ def make_rm_data(world, policy, tok, prompts, labeler_sets, cfg, seed, n_correct
 
 
 @torch.no_grad()
-def rm_accuracy(reward_model, tok, path, T, device) -> float:
-    recs = load_rankings(path)
-    groups = encode_rankings(recs, tok, T)
+def encoded_rankings(reward_model, ref, tok, path, T, device) -> list:
+    """A rankings file encoded for `reward_model`, with its reference term when it has one."""
+    groups = encode_rankings(load_rankings(path), tok, T)
+    if reward_model.ref_weight:
+        rm.add_reference_logliks(ref, groups, tok.pad_id, device)
+    return groups
+
+
+@torch.no_grad()
+def rm_accuracy(reward_model, ref, tok, path, T, device) -> float:
+    groups = encoded_rankings(reward_model, ref, tok, path, T, device)
     return rm.evaluate(reward_model, groups, tok.pad_id, device, pack_len=T)["accuracy"]
 
 
@@ -186,13 +195,13 @@ def labeler_ceiling(world, prompts, records) -> float:
 
 
 @torch.no_grad()
-def rm_dimension_accuracy(reward_model, tok, world, prompts, path, T, device) -> dict:
+def rm_dimension_accuracy(reward_model, ref, tok, world, prompts, path, T, device) -> dict:
     """What the RM learned: for each quality dimension, over candidate pairs of the same prompt
     whose noise-free score on that dimension differs, the fraction the RM orders the same way
     ({dim: {"accuracy": a, "pairs": n}}). Candidates are those of the held-out RM eval file."""
     from engine.data import collate_rankings
     recs = load_rankings(path)
-    groups = encode_rankings(recs, tok, T)
+    groups = encoded_rankings(reward_model, ref, tok, path, T, device)
     agree, pairs = {}, {}
     for c in range(0, len(groups), 32):
         r = rm.group_rewards(reward_model, collate_rankings(groups[c:c + 32], tok.pad_id, T).to(device))
@@ -407,15 +416,16 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
         bar.close()
     timed("rm_data", rm_data)
     rc = stage_cfg(rm.RMConfig, cfg, data={"path": os.path.join(data, "rm.jsonl"), "eval_fraction": 0.05},
-                   rm={"epochs": cfg.steps.rm_epochs, "demos": os.path.join(data, "sft.jsonl")})
+                   rm={"epochs": cfg.steps.rm_epochs, "demos": os.path.join(data, "sft.jsonl"),
+                       "ref_loglik": cfg.steps.rm_ref_loglik})
     rc.model.init = d.format("sft")
     rc.train.max_steps, rc.train.batch_size, rc.train.lr, rc.train.warmup_steps = 0, 16, 1e-3, 5
     rc.train.eval_every, rc.train.ckpt_every = 0, 100
     timed("rm", lambda: rm.run(rc, d.format("rm")))
     reward_model = rm.load_reward_model(d.format("rm"), device).eval()
-    rm_acc = {k: rm_accuracy(reward_model, tok, os.path.join(data, f"rm_eval_{k}.jsonl"), cfg.data.seq_len, device)
-              for k in ("train_labelers", "heldout_labelers")}
-    rm_dims = rm_dimension_accuracy(reward_model, tok, world, ev_prompts,
+    rm_acc = {k: rm_accuracy(reward_model, sft_model, tok, os.path.join(data, f"rm_eval_{k}.jsonl"), cfg.data.seq_len,
+                             device) for k in ("train_labelers", "heldout_labelers")}
+    rm_dims = rm_dimension_accuracy(reward_model, sft_model, tok, world, ev_prompts,
                                     os.path.join(data, "rm_eval_heldout_labelers.jsonl"), cfg.data.seq_len, device)
     rm_ceiling = {k: labeler_ceiling(world, ev_prompts, load_rankings(os.path.join(data, f"rm_eval_{k}.jsonl")))
                   for k in ("train_labelers", "heldout_labelers")}

@@ -164,14 +164,15 @@ def minibatch_order(cfg, it: int, epoch: int, B: int, G: int, mbs: int) -> list:
     return [torch.cat([q[j:j + per] for q in perms]) for j in range(0, G, per)]
 
 
-def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatches, moments, score_fn=None):
+def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatches, moments, score_fn=None,
+                    ref_weight=0.0):
     """Everything PPO needs from a rollout, without gradients. old logprobs and values are
     computed per minibatch exactly as the update will compute them, so the first ratio is 1.
     score_fn(rollout) -> [B] scores replaces the reward model's (see `run`)."""
     p = cfg.ppo
     device = roll.seq.device
     with torch.no_grad(), precision.autocast(cfg.train.dtype, device):  # as Trainer.update
-        old_logp, old_values, ref_logp = (torch.zeros_like(roll.mask) for _ in range(3))
+        old_logp, old_values, ref_logp, ref_lp1 = (torch.zeros_like(roll.mask) for _ in range(4))
         scores = torch.zeros(roll.mask.shape[0], device=device)
         # per minibatch, trimmed exactly as the update will see it (so the first ratio is 1);
         # the frozen models' passes ride on the same trimmed minibatches
@@ -182,7 +183,9 @@ def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatche
             if p.critic:
                 old_values[idx, :r] = values(value_model, mb)
             ref_logp[idx, :r] = policy_logprobs(ref, mb, temperature=p.temperature)
-            scores[idx] = (score_fn(mb) if score_fn else score_responses(rm, mb)).float().to(device)
+            scores[idx] = (score_fn(mb) if score_fn else score_responses(rm, mb, head_only=True)).float().to(device)
+            if ref_weight and p.temperature != 1.0:  # the RM's term is log pi_SFT at temperature 1
+                ref_lp1[idx, :r] = policy_logprobs(ref, mb)
         if p.normalize_reward:
             moments.update(dist.all_gather_cat(scores))  # same statistics on every rank
             scores = moments.normalize(scores)
@@ -190,11 +193,14 @@ def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatche
         rewards, kl_sum = shaped_rewards(loo_center(scores, p.samples_per_prompt), old_logp, ref_logp,
                                          roll.mask, beta=kl_coef,
                                          kind=p.kl_estimator, kl=kl, no_eos=roll.no_eos,
-                                         no_eos_penalty=p.no_eos_penalty)
+                                         no_eos_penalty=p.no_eos_penalty, ref_weight=ref_weight,
+                                         ref_term_logp=ref_lp1 if p.temperature != 1.0 else None)
         adv, returns = compute_advantages(rewards, old_values, roll.mask, gamma=p.gamma, lam=p.lam,
                                           whiten=False)
         if p.whiten_advantages:
             adv = global_whiten(adv, roll.mask)
+    if ref_weight:  # logged reward: the RM's whole score, its reference term included
+        scores = scores + ref_weight * ((ref_lp1 if p.temperature != 1.0 else ref_logp) * roll.mask).sum(1)
     return dict(old_logp=old_logp, old_values=old_values, adv=adv, returns=returns, scores=scores,
                 kl_sum=kl_sum)
 
@@ -219,6 +225,7 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None, score_fn=None) -> dict:
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.rl.ema else None
     rm = load_reward_model(cfg.rl.rm, device, tok=tok).eval().requires_grad_(False)
+    ref_weight = 0.0 if score_fn else rm.ref_weight
     value_model = load_reward_model(cfg.rl.value_init or cfg.rl.rm, device, tok=tok)
     if cfg.train.compile:  # the policy (and its copies) came compiled from build_model
         compile_blocks(rm), compile_blocks(value_model)
@@ -305,7 +312,7 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None, score_fn=None) -> dict:
             epochs = [minibatch_order(cfg, it, e, B, G, mbs) for e in range(p.ppo_epochs)]
             with record_function("ppo/experience"):
                 exp = make_experience(policy, ref, rm, value_model, roll, cfg, kl_ctl.value, epochs[0],
-                                      moments, score_fn)
+                                      moments, score_fn, ref_weight)
             t_exp = time.perf_counter() - t0 - t_gen  # includes the wait for the device (it syncs)
             # critic warmup: the first iterations train only the value model, so the policy's first
             # updates see advantages from a fitted critic instead of the RM-initialised one

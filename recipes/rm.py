@@ -31,6 +31,9 @@ from recipes import common
 class RMSection:
     epochs: float = 1.0          # used when train.max_steps = 0 (paper: one epoch; more overfits)
     demos: str = ""              # SFT-format demonstrations: shift the bias so they score 0 on average
+    ref_loglik: bool = False     # score = head + w * log pi_ref(y | x), w learnt with the head, pi_ref =
+                                 # model.init (the SFT policy PPO starts from and is KL-penalised
+                                 # against); see RewardModel. Not in the paper
 
 
 @dataclass
@@ -46,17 +49,53 @@ class RMConfig:
 
 def group_rewards(m, batch):
     """Per-completion scores arranged as [B, Kmax] (padding 0) for ranking_loss; a packed batch
-    (collate_rankings(pack_len=...)) reads sequence i at (row[i], last_idx[i])."""
-    s = m(batch.ids, segment_ids=batch.segment_ids)
-    scores = (s.gather(1, batch.last_idx[:, None]).squeeze(1) if batch.row is None
-              else s[batch.row, batch.last_idx])
-    return unflatten_groups(scores, batch.group_sizes)
+    (collate_rankings(pack_len=...)) reads sequence i at (row[i], last_idx[i]). Groups that
+    carry "ref_loglik" (add_reference_logliks) add the RM's reference term."""
+    rows = batch.row if batch.row is not None else torch.arange(len(batch.last_idx), device=batch.ids.device)
+    ref = None
+    if batch.ref_loglik is not None:  # placed where each sequence's score is read
+        ref = torch.zeros(batch.ids.shape, dtype=torch.float32, device=batch.ids.device)
+        ref[rows, batch.last_idx] = batch.ref_loglik.to(ref.device)
+    s = m(batch.ids, segment_ids=batch.segment_ids, ref_loglik=ref)
+    return unflatten_groups(s[rows, batch.last_idx], batch.group_sizes)
+
+
+@torch.no_grad()
+def add_reference_logliks(ref, groups, pad_id, device, batch_size=64) -> None:
+    """Give each encoded ranking group (engine.data.encode_rankings) "ref_loglik": per sequence,
+    log pi_ref(completion + EOS | prompt) summed over its tokens, under the GPT `ref`."""
+    flat = [(g, j) for g, item in enumerate(groups) for j in range(len(item["ids"]))]
+    for item in groups:
+        item["ref_loglik"] = [0.0] * len(item["ids"])
+    for c in range(0, len(flat), batch_size):
+        chunk = flat[c:c + batch_size]
+        seqs = [groups[g]["ids"][j] for g, j in chunk]
+        ids, tgt = _response_targets(seqs, [groups[g]["prompt_len"] for g, _ in chunk], pad_id)
+        lp = ref(ids.to(device), tgt.to(device)).float().sum(1).cpu().tolist()
+        for (g, j), v in zip(chunk, lp):
+            groups[g]["ref_loglik"][j] = v
+
+
+def _response_targets(seqs, prompt_lens, pad_id):
+    """Right-padded inputs seq[:-1] and targets seq[1:] with -100 (log-prob 0) outside each
+    sequence's response: summing the model's target log-probs gives log p(response | prompt)."""
+    T = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), T - 1), pad_id, dtype=torch.long)
+    tgt = torch.full((len(seqs), T - 1), -100, dtype=torch.long)
+    for i, (x, P) in enumerate(zip(seqs, prompt_lens)):
+        P = max(1, P)
+        ids[i, :len(x) - 1] = torch.as_tensor(x[:-1])
+        tgt[i, P - 1:len(x) - 1] = torch.as_tensor(x[P:])
+    return ids, tgt
 
 
 @torch.no_grad()
 def evaluate(rm, groups, pad_id, device, batch_size=32, pack_len=None) -> dict:
     """Pairwise accuracy and ranking loss over encoded groups (pack_len: see collate_rankings)."""
     correct, pairs, loss_sum, n = 0.0, 0, 0.0, 0
+    if getattr(rm, "ref_weight", 0.0) and groups and "ref_loglik" not in groups[0]:
+        raise ValueError("this reward model adds a reference log-likelihood term: score the groups "
+                         "with rm.add_reference_logliks(<its reference policy>, groups, ...) first")
     for c in range(0, len(groups), batch_size):
         b = collate_rankings(groups[c:c + batch_size], pad_id, pack_len).to(device)
         r = group_rewards(rm, b)
@@ -68,8 +107,9 @@ def evaluate(rm, groups, pad_id, device, batch_size=32, pack_len=None) -> dict:
 
 
 @torch.no_grad()
-def normalize_bias(rm, demos, tok, T, device, batch_size=32) -> float:
-    """Shift the head bias so demonstrations score 0 on average (InstructGPT section 3.5)."""
+def normalize_bias(rm, demos, tok, T, device, batch_size=32, ref=None) -> float:
+    """Shift the head bias so demonstrations score 0 on average (InstructGPT section 3.5);
+    `ref`: the reference policy of an RM with a reference term (the whole score is centred)."""
     seqs = encode_sft(demos, tok, T)
     scores = []
     for c in range(0, len(seqs), batch_size):
@@ -78,10 +118,25 @@ def normalize_bias(rm, demos, tok, T, device, batch_size=32) -> float:
         for i, (s, _) in enumerate(chunk):
             ids[i, :len(s)] = torch.tensor(s)
         last = torch.tensor([len(s) - 1 for s, _ in chunk])
-        scores.append(rm.score_at(ids.to(device), last.to(device)))
+        score = rm.score_at(ids.to(device), last.to(device))
+        if ref is not None and rm.ref_weight:
+            x, y = _response_targets([s for s, _ in chunk], [m.index(1) for _, m in chunk], tok.pad_id)
+            score = score + rm.ref_weight * ref(x.to(device), y.to(device)).float().sum(1)
+        scores.append(score)
     mean = float(torch.cat(scores).mean()) if scores else 0.0
     rm.head.bias.sub_(mean)
     return mean
+
+
+def reference_policy(cfg, tok, device, groups):
+    """rm.ref_loglik: the reference policy (model.init, a GPT), after it has scored `groups`."""
+    from engine.model import GPT
+    if not cfg.model.init or common.model_class(cfg.model.init) != "GPT":
+        raise SystemExit(f"rm.ref_loglik needs model.init to be the policy PPO starts from (a GPT, e.g. "
+                         f"the SFT run), got {cfg.model.init!r}")
+    ref = common.build_model(cfg, tok, device, cls=GPT, compile=False).eval().requires_grad_(False)
+    add_reference_logliks(ref, groups, tok.pad_id, device)
+    return ref
 
 
 def main(argv=None):
@@ -101,6 +156,9 @@ def run(cfg: RMConfig, out: str) -> dict:
     n_eval = int(len(records) * cfg.data.eval_fraction)
     groups = encode_rankings([records[i] for i in perm[n_eval:]], tok, T)
     eval_groups = encode_rankings([records[i] for i in perm[:n_eval]], tok, T)
+    ref = reference_policy(cfg, tok, device, groups + eval_groups) if cfg.rm.ref_loglik else None
+    if ref is not None:
+        rm.loglik_weight.requires_grad_(True)  # learnt with the head (before wrap: DDP/FSDP see it)
     if cfg.train.max_steps <= 0:
         cfg.train.max_steps = max(1, math.ceil(len(groups) * cfg.rm.epochs / cfg.train.batch_size))
     n_pairs = sum(len(x["ranking"]) * (len(x["ranking"]) - 1) // 2 for x in groups)
@@ -129,10 +187,14 @@ def run(cfg: RMConfig, out: str) -> dict:
     with trainer.autocast():  # score as PPO will: in the run's compute dtype, head in fp32
         result = evaluate(rm, eval_groups, tok.pad_id, device, pack_len=pack_len) if eval_groups else {}
         if cfg.rm.demos:
-            result["demo_mean_before_shift"] = normalize_bias(rm, load_sft(cfg.rm.demos), tok, T, device)
+            result["demo_mean_before_shift"] = normalize_bias(rm, load_sft(cfg.rm.demos), tok, T, device, ref=ref)
+    if ref is not None:
+        result["ref_weight"] = rm.ref_weight
     common.export(rm, tok, out)
     dist.print0(f"[rm] done: step {trainer.step} train loss {info.get('loss', float('nan')):.4f} "
-                f"held-out accuracy {result.get('accuracy', float('nan')):.3f} -> {out}/model")
+                f"held-out accuracy {result.get('accuracy', float('nan')):.3f}"
+                + (f", reference log-likelihood weight {rm.ref_weight:.4f}" if ref is not None else "")
+                + f" -> {out}/model")
     return {**info, **{f"eval_{k}": v for k, v in result.items()}}
 
 

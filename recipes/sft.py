@@ -155,7 +155,8 @@ def _rm_score(model, rm, tok, prompts, cfg, device) -> float:
     """Mean RM score of greedy responses to held-out prompts."""
     from engine.rollout import generate_responses, score_responses
     roll = generate_responses(model, tok, prompts, max_new_tokens=cfg.sft.max_new_tokens, temperature=0.0)
-    return float(score_responses(rm, roll).mean())
+    # head only: an RM with a reference term refers to the finished SFT policy, not to this one
+    return float(score_responses(rm, roll, head_only=True).mean())
 
 
 if __name__ == "__main__":

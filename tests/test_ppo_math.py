@@ -302,3 +302,24 @@ def test_ppo_config_defaults_and_checks():
         PPOConfig(critic=False, critic_warmup=2)
     with pytest.raises(ValueError, match="kl_target"):
         PPOConfig(adaptive_kl=True)
+
+
+def test_shaped_rewards_pay_the_reference_term_token_by_token():
+    """ref_weight * ref_logp_t on every response token (ref_term_logp replaces ref_logp there):
+    the same return as ref_weight * sum_t ref_logp_t added to the score."""
+    g = torch.Generator().manual_seed(2)
+    B, T = 4, 7
+    logp = torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) < 0.7
+    scores = torch.randn(B, generator=g, dtype=torch.float64)
+    r, _ = shaped_rewards(scores, logp, ref, mask, beta=0.1, ref_weight=0.4)
+    want = _shaped_rewards_loop(scores, kl_estimate(logp, ref), mask, 0.1) + 0.4 * ref * mask
+    assert torch.allclose(r.double(), want, atol=1e-6)
+    r0, _ = shaped_rewards(scores, logp, ref, mask, beta=0.1)
+    assert torch.allclose((r - r0).sum(1).double(), 0.4 * (ref * mask).sum(1), atol=1e-5)
+    other = torch.randn(B, T, generator=g, dtype=torch.float64)
+    r2, _ = shaped_rewards(scores, logp, ref, mask, beta=0.1, ref_weight=0.4, ref_term_logp=other)
+    assert torch.allclose((r2 - r0).double(), 0.4 * other * mask, atol=1e-6)
+    with pytest.raises(ValueError, match="ref_logp"):
+        shaped_rewards(scores, None, None, mask, beta=0.1, kl=torch.zeros(B, T), ref_weight=0.4)

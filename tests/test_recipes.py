@@ -259,3 +259,68 @@ def test_ppo_samples_per_prompt_centres_scores_and_critic_off(runs, tmp_path):
         value = load_reward_model(os.path.join(out, "value"), "cpu")
         assert all(torch.equal(a, b) for a, b in zip(value.parameters(), rm0.parameters())), k
     assert moved == {4: False, 1: True}
+
+
+def test_rm_ref_loglik_learns_the_weight_the_rankings_ask_for(runs, tmp_path):
+    """rm.ref_loglik: with rankings that follow the SFT model's log-likelihood of each completion,
+    the RM learns a positive weight on it; with the reverse order, a negative one. It is saved
+    with the RM, and the held-out accuracy counts it."""
+    from engine import GPT
+    from engine.data import encode_rankings, load_sft
+    from engine.tokenizer import Tokenizer
+    from recipes.rm import add_reference_logliks, load_reward_model
+
+    tok = Tokenizer.load(runs["sft"])
+    ref = GPT.load(os.path.join(runs["sft"], "model")).eval()
+    ex = load_sft(DATA / "sft_selfinstruct_seed.jsonl")
+    g = torch.Generator().manual_seed(0)
+    recs = [{"prompt": ex[i]["prompt"][:80],
+             "completions": [ex[int(j)]["response"][:40] for j in torch.randint(0, len(ex), (4,), generator=g)]}
+            for i in range(48)]
+    groups = encode_rankings([{**r, "ranking": [0, 1, 2, 3]} for r in recs], tok, 64)
+    add_reference_logliks(ref, groups, tok.pad_id, "cpu")
+    weights = {}
+    for sign in (1, -1):
+        path = tmp_path / f"ranked{sign}.jsonl"
+        with open(path, "w") as f:
+            for r, grp in zip(recs, groups):
+                order = sorted(range(4), key=lambda k: -sign * grp["ref_loglik"][k])
+                f.write(json.dumps({**r, "ranking": [order.index(k) for k in range(4)]}) + "\n")
+        out = str(tmp_path / f"rm{sign}")
+        res = rm.main(["--train.progress=false", "--data.seq_len=64", "--train.threads=1",
+                       f"--model.init={runs['sft']}", f"--data.path={path}", "--data.eval_fraction=0.25",
+                       "--train.max_steps=12", "--train.batch_size=4", "--train.lr=3e-3",
+                       "--rm.ref_loglik=true", "--out", out])
+        weights[sign] = load_reward_model(out, "cpu").ref_weight
+        assert res["eval_ref_weight"] == pytest.approx(weights[sign])
+    assert weights[1] > 0.01 and weights[-1] < -0.01, weights
+    with pytest.raises(SystemExit, match="rm.ref_loglik needs model.init"):
+        rm.main(["--train.progress=false", "--data.seq_len=64", f"--model.init={runs['rm']}",
+                 f"--data.path={tmp_path / 'ranked1.jsonl'}", "--train.max_steps=1", "--train.batch_size=4",
+                 "--rm.ref_loglik=true", "--out", str(tmp_path / "bad")])
+
+
+def test_ppo_pays_the_reward_models_reference_term(runs, tmp_path):
+    """An RM whose head is zero and whose reference weight is 1 scores log pi_SFT(y | x): PPO's
+    logged reward of its first iteration is the mean of that over the episodes it sampled."""
+    from engine import GPT
+    from engine.rollout import policy_logprobs
+    from engine.tokenizer import Tokenizer
+    from recipes import common
+    from recipes.rm import load_reward_model
+
+    rmz = load_reward_model(runs["rm"], "cpu")
+    with torch.no_grad():
+        rmz.head.weight.zero_(), rmz.head.bias.zero_(), rmz.loglik_weight.fill_(1.0)
+    common.export(rmz, Tokenizer.load(runs["rm"]), str(tmp_path / "rmz"))
+    cfg, out = common.parse(ppo.PPORecipeConfig, [
+        "--train.progress=false", "--data.seq_len=64", "--train.threads=1", f"--model.init={runs['sft']}",
+        f"--rl.rm={tmp_path / 'rmz'}", "--train.max_steps=1", "--ppo.batch_size=8", "--ppo.minibatch_size=4",
+        "--ppo.max_new_tokens=8", "--ppo.beta=0", "--ppo.no_eos_penalty=0", "--out", str(tmp_path / "p")], "ppo")
+    ppo.run(cfg, out)
+    init, tok = GPT.load(os.path.join(runs["sft"], "model")).eval(), Tokenizer.load(runs["sft"])
+    roll = ppo.sample_episodes(init, tok, ppo.load_prompts(cfg.data.path), cfg, 0, 8, 8)
+    with torch.no_grad():
+        want = float(policy_logprobs(init, roll).sum(1).mean())
+    got = read_metrics(os.path.join(out, "metrics.jsonl"))[0]["reward"]
+    assert want < -1 and got == pytest.approx(want, rel=1e-4, abs=1e-4)

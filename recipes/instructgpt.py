@@ -66,7 +66,10 @@ class StageSteps:
     sft_ptx_batch: int = 4         # prose rows per SFT step (0: none; measured: the prose loss then
                                    # rises from 3.8 to 10.8 and PPO-ptx has to relearn prose, KL 22)
     rm_epochs: float = 3.0
-    rm_ref_loglik: bool = True     # the RM adds w x SFT's log-likelihood of the answer, w learnt (rm.ref_loglik)
+    rm_ref_loglik: bool = True     # the RM adds w x SFT's log-likelihood of the answer, w learnt with its
+                                   # head (rm.ref_loglik). Off, on the 6f465f0 sweep: PPO-ptx accuracy
+                                   # change -0.014 (0/5 seeds >= SFT); on, in the same PPO-ptx screen:
+                                   # +0.012 (5/5) (docs/miniature_rl_diagnosis.md section 10)
     ppo: int = 28                  # PPO iterations (each ppo.batch_size episodes)
     ppo_lr: float = 2e-4           # policy lr (the value model uses ppo.value_lr)
     ppo_reward: str = "rm"         # "world": PPO and PPO-ptx are rewarded by the world's noise-free
@@ -119,7 +122,11 @@ class InstructGPTConfig:
     # that erodes the SFT skills); EMA decay 0.9 because 0.992 averages over ~125 iterations and
     # would export a policy that barely moved from SFT in 25. Earlier screening of beta and
     # ptx_coef: docs/miniature_history.md.
-    ppo: PPOConfig = section(lambda: PPOConfig(batch_size=128, minibatch_size=32, beta=0.3, lam=0.0,
+    # beta 0.2 since the RM learns a weight on SFT's log-likelihood (steps.rm_ref_loglik; PPO-ptx
+    # stage on the five seeds of 6f465f0, RMs with the learnt term; win, T=1 accuracy change,
+    # greedy): beta 0.3 0.532, +0.009, -0.010; 0.2 0.538, +0.012, -0.012; 0.15 0.535, +0.013,
+    # -0.018; 0.1 0.537, +0.008, -0.020 (docs/miniature_rl_diagnosis.md section 10).
+    ppo: PPOConfig = section(lambda: PPOConfig(batch_size=128, minibatch_size=32, beta=0.2, lam=0.0,
                                                max_new_tokens=16, ptx_coef=1.0, no_eos_penalty=1.0,
                                                value_lr=1e-3, critic_warmup=3, ema_decay=0.9))
     # 1200 held-out prompts (recipes.evaluate: 600): a paired win interval of about +-0.013
@@ -173,9 +180,8 @@ def encoded_rankings(reward_model, ref, tok, path, T, device) -> list:
 
 
 @torch.no_grad()
-def rm_accuracy(reward_model, ref, tok, path, T, device) -> float:
-    groups = encoded_rankings(reward_model, ref, tok, path, T, device)
-    return rm.evaluate(reward_model, groups, tok.pad_id, device, pack_len=T)["accuracy"]
+def rm_accuracy(reward_model, groups, pad_id, T, device) -> float:
+    return rm.evaluate(reward_model, groups, pad_id, device, pack_len=T)["accuracy"]
 
 
 def labeler_ceiling(world, prompts, records) -> float:
@@ -195,16 +201,15 @@ def labeler_ceiling(world, prompts, records) -> float:
 
 
 @torch.no_grad()
-def rm_dimension_accuracy(reward_model, ref, tok, world, prompts, path, T, device) -> dict:
+def rm_dimension_accuracy(reward_model, groups, recs, world, prompts, pad_id, T, device) -> dict:
     """What the RM learned: for each quality dimension, over candidate pairs of the same prompt
     whose noise-free score on that dimension differs, the fraction the RM orders the same way
-    ({dim: {"accuracy": a, "pairs": n}}). Candidates are those of the held-out RM eval file."""
+    ({dim: {"accuracy": a, "pairs": n}}). Candidates are those of the held-out RM eval file
+    (`recs`, encoded as `groups` by encoded_rankings)."""
     from engine.data import collate_rankings
-    recs = load_rankings(path)
-    groups = encoded_rankings(reward_model, ref, tok, path, T, device)
     agree, pairs = {}, {}
     for c in range(0, len(groups), 32):
-        r = rm.group_rewards(reward_model, collate_rankings(groups[c:c + 32], tok.pad_id, T).to(device))
+        r = rm.group_rewards(reward_model, collate_rankings(groups[c:c + 32], pad_id, T).to(device))
         r = r.float().cpu()
         for g, rec in enumerate(recs[c:c + 32]):
             p, cands = prompts[c + g], rec["completions"]
@@ -334,9 +339,10 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     def stage_path(name):
         return os.path.join(out, name, "stage_seconds") if name in RESUMABLE else None
 
-    def record(name, before, spent, note=""):  # a finished stage: its wall time, kept and shown
+    def record(name, before, spent, note="", carry=True):  # a finished stage: its wall time, kept and shown
         walls[name] = round(before + spent, 1)
-        carried.append(before)
+        if carry:
+            carried.append(before)
         if stage_path(name) and dist.is_main():
             atomic_write_bytes(stage_path(name), repr(before + spent).encode())
         dist.print0(f"[instructgpt] {name}: {walls[name]} s{note}")
@@ -349,9 +355,10 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
 
     def timed_side_by_side(jobs: dict):  # as `timed`, for stages that run at once
         befores = {name: _seconds_before(stage_path(name)) for name in jobs}
+        longest = max(befores, key=befores.get)  # their earlier runs overlapped too: carry one
         for name, spent in side_by_side(jobs).items():
             record(name, befores[name], spent,
-                   f" (side by side with {', '.join(n for n in jobs if n != name)})")
+                   f" (side by side with {', '.join(n for n in jobs if n != name)})", carry=name == longest)
 
     # --- 0. the world's data, as files the stage recipes read ----------------------------------
     corpus = os.path.join(data, "pretrain.txt")
@@ -423,12 +430,13 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     rc.train.eval_every, rc.train.ckpt_every = 0, 100
     timed("rm", lambda: rm.run(rc, d.format("rm")))
     reward_model = rm.load_reward_model(d.format("rm"), device).eval()
-    rm_acc = {k: rm_accuracy(reward_model, sft_model, tok, os.path.join(data, f"rm_eval_{k}.jsonl"), cfg.data.seq_len,
-                             device) for k in ("train_labelers", "heldout_labelers")}
-    rm_dims = rm_dimension_accuracy(reward_model, sft_model, tok, world, ev_prompts,
-                                    os.path.join(data, "rm_eval_heldout_labelers.jsonl"), cfg.data.seq_len, device)
-    rm_ceiling = {k: labeler_ceiling(world, ev_prompts, load_rankings(os.path.join(data, f"rm_eval_{k}.jsonl")))
-                  for k in ("train_labelers", "heldout_labelers")}
+    T = cfg.data.seq_len
+    ev_files = {k: os.path.join(data, f"rm_eval_{k}.jsonl") for k in ("train_labelers", "heldout_labelers")}
+    ev_groups = {k: encoded_rankings(reward_model, sft_model, tok, f, T, device) for k, f in ev_files.items()}
+    rm_acc = {k: rm_accuracy(reward_model, g, tok.pad_id, T, device) for k, g in ev_groups.items()}
+    rm_dims = rm_dimension_accuracy(reward_model, ev_groups["heldout_labelers"], load_rankings(ev_files["heldout_labelers"]),
+                                    world, ev_prompts, tok.pad_id, T, device)
+    rm_ceiling = {k: labeler_ceiling(world, ev_prompts, load_rankings(f)) for k, f in ev_files.items()}
     rm_corr = rm_world_correlation(reward_model, sft_model, tok, world, ev_prompts, cfg)
     rm_policy = evaluate.rm_on_policy_samples(reward_model, sft_model, tok, world, ev_prompts, cfg.ppo.max_new_tokens)
     dist.print0(f"[instructgpt] RM accuracy on held-out prompts: {rm_acc} (a perfect RM: {rm_ceiling}); "

@@ -144,7 +144,8 @@ def test_instructgpt_pipeline_smoke(tmp_path):
     for stage in instructgpt.RESUMABLE:
         assert w2[stage] >= w1[stage] > 0, stage
         assert float(open(os.path.join(out, stage, "stage_seconds")).read()) == pytest.approx(w2[stage], abs=0.06)
-    assert w2["total"] > w1["total"]
+    # the rerun's total carries what the resumed stages cost (side-by-side ones overlapped: once)
+    assert w2["total"] + 0.3 >= w2["pretrain"] + w2["sft"] + w2["rm"] + max(w2["ppo"], w2["ppo_ptx"])
     # the tokenizer keeps one piece per letter (the letter drill), and the pipeline used it
     from engine.tokenizer import Tokenizer
     tok = Tokenizer.load(os.path.join(out, "pretrain"))

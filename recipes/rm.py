@@ -91,7 +91,8 @@ def _response_targets(seqs, prompt_lens, pad_id):
 
 @torch.no_grad()
 def evaluate(rm, groups, pad_id, device, batch_size=32, pack_len=None) -> dict:
-    """Pairwise accuracy and ranking loss over encoded groups (pack_len: see collate_rankings)."""
+    """Pairwise accuracy and ranking loss over encoded groups (pack_len: see collate_rankings);
+    an RM with a reference term needs groups with "ref_loglik" (add_reference_logliks)."""
     correct, pairs, loss_sum, n = 0.0, 0, 0.0, 0
     if getattr(rm, "ref_weight", 0.0) and groups and "ref_loglik" not in groups[0]:
         raise ValueError("this reward model adds a reference log-likelihood term: score the groups "
@@ -111,6 +112,7 @@ def normalize_bias(rm, demos, tok, T, device, batch_size=32, ref=None) -> float:
     """Shift the head bias so demonstrations score 0 on average (InstructGPT section 3.5);
     `ref`: the reference policy of an RM with a reference term (the whole score is centred)."""
     seqs = encode_sft(demos, tok, T)
+    w = rm.ref_weight if ref is not None else 0.0
     scores = []
     for c in range(0, len(seqs), batch_size):
         chunk = seqs[c:c + batch_size]
@@ -119,9 +121,9 @@ def normalize_bias(rm, demos, tok, T, device, batch_size=32, ref=None) -> float:
             ids[i, :len(s)] = torch.tensor(s)
         last = torch.tensor([len(s) - 1 for s, _ in chunk])
         score = rm.score_at(ids.to(device), last.to(device))
-        if ref is not None and rm.ref_weight:
+        if w:  # the loss mask's first 1 is the response's first token
             x, y = _response_targets([s for s, _ in chunk], [m.index(1) for _, m in chunk], tok.pad_id)
-            score = score + rm.ref_weight * ref(x.to(device), y.to(device)).float().sum(1)
+            score = score + w * ref(x.to(device), y.to(device)).float().sum(1)
         scores.append(score)
     mean = float(torch.cat(scores).mean()) if scores else 0.0
     rm.head.bias.sub_(mean)
@@ -134,6 +136,7 @@ def reference_policy(cfg, tok, device, groups):
     if not cfg.model.init or common.model_class(cfg.model.init) != "GPT":
         raise SystemExit(f"rm.ref_loglik needs model.init to be the policy PPO starts from (a GPT, e.g. "
                          f"the SFT run), got {cfg.model.init!r}")
+    # a whole copy on every rank, used for one forward pass over the data (not sharded)
     ref = common.build_model(cfg, tok, device, cls=GPT, compile=False).eval().requires_grad_(False)
     add_reference_logliks(ref, groups, tok.pad_id, device)
     return ref

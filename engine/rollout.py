@@ -130,8 +130,8 @@ def score_responses(rm, roll: Rollout, ref=None, *, head_only: bool = False) -> 
     head_only: the head alone (PPO pays the reference term token by token itself)."""
     s = rm(roll.seq, kv_start=roll.kv_start)
     s = s.gather(1, roll.last_idx.view(-1, 1)).squeeze(1)
-    w = getattr(rm, "ref_weight", 0.0)
-    if w and not head_only:
+    w = 0.0 if head_only else getattr(rm, "ref_weight", 0.0)
+    if w:
         if ref is None:
             raise ValueError(f"this reward model adds {w:g} x the reference policy's log-likelihood: "
                              "pass ref= (the policy it was fitted with) or head_only=True")

@@ -168,7 +168,8 @@ def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatche
                     ref_weight=0.0):
     """Everything PPO needs from a rollout, without gradients. old logprobs and values are
     computed per minibatch exactly as the update will compute them, so the first ratio is 1.
-    score_fn(rollout) -> [B] scores replaces the reward model's (see `run`)."""
+    score_fn(rollout) -> [B] scores replaces the reward model's (see `run`). ref_weight: the RM's
+    weight on log pi_ref (RewardModel.ref_weight), paid per token by shaped_rewards."""
     p = cfg.ppo
     device = roll.seq.device
     with torch.no_grad(), precision.autocast(cfg.train.dtype, device):  # as Trainer.update

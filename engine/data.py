@@ -351,12 +351,15 @@ class RankingBatch(NamedTuple):
     row: Optional[torch.Tensor] = None          # packed: [sum K] long, the row holding each sequence
     ref_loglik: Optional[torch.Tensor] = None   # [sum K] fp32: log pi_ref(completion | prompt) of each
                                                 # sequence, when the groups carry "ref_loglik"
+    branch_ids: Optional[torch.Tensor] = None   # shared prompts: [rows, T] long, 0 = a group's prompt,
+                                                # k = its k-th completion (GPT.hidden_states)
 
     def to(self, device) -> "RankingBatch":
         return RankingBatch(*(None if t is None else t.to(device) for t in self))
 
 
-def collate_rankings(batch: list[dict], pad_id: int, pack_len: int | None = None) -> RankingBatch:
+def collate_rankings(batch: list[dict], pad_id: int, pack_len: int | None = None,
+                     share_prompt: bool = False) -> RankingBatch:
     """Stack ``encode_rankings`` items: all completions of all groups become rows of ``ids``.
 
     pack_len: instead pack the sequences (first-fit decreasing, as ``pack``) into rows of at most
@@ -364,6 +367,13 @@ def collate_rankings(batch: list[dict], pad_id: int, pack_len: int | None = None
     from 0 (the scores equal the unpacked ones up to float rounding) and no compute goes to
     padding: completions differ in length by up to ~2x, so right-padding to the longest wastes
     ~40% of a batch. Sequence i is read at ``ids[row[i], last_idx[i]]``.
+
+    share_prompt (with pack_len; items need "prompt_len"): a group's prompt is packed once and
+    its completions follow it as branches (``branch_ids``): each completion attends to the prompt
+    and itself at the positions it would have alone, so the scores are again the unpacked ones up
+    to float rounding, while the prompt's tokens are computed once instead of K times (in the
+    miniature RM data the prompt is ~80% of each sequence). A group too long for one row is
+    split into several segments, each with its own copy of the prompt.
     """
     if not batch:
         raise ValueError("collate_rankings: empty batch")
@@ -375,6 +385,10 @@ def collate_rankings(batch: list[dict], pad_id: int, pack_len: int | None = None
     last = [i for item in batch for i in item["last_idx"]]
     ref = (torch.tensor([x for item in batch for x in item["ref_loglik"]], dtype=torch.float32)
            if all("ref_loglik" in item for item in batch) else None)
+    if share_prompt:
+        if pack_len is None:
+            raise ValueError("collate_rankings: share_prompt needs pack_len")
+        return _collate_shared(batch, pad_id, pack_len, ranking, sizes, ref)
     if pack_len is not None:
         too_long = next((i for i, x in enumerate(seqs) if len(x) > pack_len), None)
         if too_long is not None:
@@ -396,6 +410,50 @@ def collate_rankings(batch: list[dict], pad_id: int, pack_len: int | None = None
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
     return RankingBatch(ids, torch.tensor(last, dtype=torch.long), ranking, sizes, ref_loglik=ref)
+
+
+def _collate_shared(batch, pad_id, pack_len, ranking, sizes, ref) -> RankingBatch:
+    units, lengths = [], []  # a unit: (prompt, [(sequence index, response tokens)]), one segment
+    i = 0
+    for g, item in enumerate(batch):
+        if "prompt_len" not in item:
+            raise ValueError(f"collate_rankings: group {g} has no prompt_len (share_prompt needs encode_rankings items)")
+        P = item["prompt_len"]
+        prompt = item["ids"][0][:P]
+        unit, n = [], P
+        for s in item["ids"]:
+            if s[:P] != prompt or len(s) <= P:
+                raise ValueError(f"collate_rankings: group {g}: a sequence does not start with the group's "
+                                 f"{P}-token prompt followed by a completion")
+            if len(s) > pack_len:
+                raise ValueError(f"collate_rankings: group {g}: sequence of {len(s)} tokens > pack_len={pack_len}")
+            if unit and n + len(s) - P > pack_len:  # this segment is full: the next repeats the prompt
+                units.append((prompt, unit))
+                lengths.append(n)
+                unit, n = [], P
+            unit.append((i, s[P:]))
+            n += len(s) - P
+            i += 1
+        units.append((prompt, unit))
+        lengths.append(n)
+    members = _first_fit(lengths, pack_len)
+    place = _layout(members, lengths)
+    T = max(pos + n for (_, pos, _), n in zip(place, lengths))
+    ids = torch.full((len(members), T), pad_id, dtype=torch.long)
+    seg = torch.zeros((len(members), T), dtype=torch.long)
+    branch = torch.zeros((len(members), T), dtype=torch.long)
+    row, last = [0] * i, [0] * i
+    for (prompt, unit), (r, pos, s_id), n in zip(units, place, lengths):
+        seg[r, pos:pos + n] = s_id
+        ids[r, pos:pos + len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
+        c = pos + len(prompt)
+        for k, (j, resp) in enumerate(unit, start=1):
+            ids[r, c:c + len(resp)] = torch.as_tensor(resp, dtype=torch.long)
+            branch[r, c:c + len(resp)] = k
+            c += len(resp)
+            row[j], last[j] = r, c - 1
+    return RankingBatch(ids, torch.tensor(last, dtype=torch.long), ranking, sizes, seg,
+                        torch.tensor(row, dtype=torch.long), ref, branch)
 
 
 def unflatten_groups(values: torch.Tensor, group_sizes: torch.Tensor, fill: float = 0.0) -> torch.Tensor:

@@ -97,7 +97,7 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.d_model, 3 * inner, bias=cfg.bias)
         self.c_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x, kv_start=None, cache: KVCache | None = None, segment_ids=None):
+    def forward(self, x, kv_start=None, cache: KVCache | None = None, segment_ids=None, branch_ids=None):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.d_head).permute(2, 0, 3, 1, 4)
         if cache is not None and cache.pos is not None:  # fixed-shape decode step (T == 1)
@@ -108,7 +108,7 @@ class Attention(nn.Module):
         if cache is not None:  # prefill: (B, H, T, D) -> attend over everything cached so far
             k, v = cache.append(self.layer, k, v)
         y = kernels.attention(q, k, v, causal=True, window=self.window, kv_start=kv_start,
-                              segment_ids=segment_ids)
+                              segment_ids=segment_ids, branch_ids=branch_ids)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -132,15 +132,15 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.compiled = None  # set by compile_blocks: cache-free calls run through torch.compile
 
-    def forward(self, x, kv_start=None, cache=None, segment_ids=None):
+    def forward(self, x, kv_start=None, cache=None, segment_ids=None, branch_ids=None):
         if self.compiled is not None and cache is None:
-            return _compiled_block(self.compiled)(self, x, kv_start, segment_ids)
-        return self.body(x, kv_start, cache, segment_ids)
+            return _compiled_block(self.compiled)(self, x, kv_start, segment_ids, branch_ids)
+        return self.body(x, kv_start, cache, segment_ids, branch_ids)
 
-    def body(self, x, kv_start=None, cache=None, segment_ids=None):
+    def body(self, x, kv_start=None, cache=None, segment_ids=None, branch_ids=None):
         # not forward: the compiled function calls this directly, so module hooks (FSDP's
         # unshard, checkpoint wrappers) run once, eagerly, in __call__ around it
-        x = x + self.drop(self.attn(self.ln_1(x), kv_start, cache, segment_ids))
+        x = x + self.drop(self.attn(self.ln_1(x), kv_start, cache, segment_ids, branch_ids))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -153,8 +153,8 @@ def _compiled_block(key: tuple):
     share the compiled code instead of compiling once per layer."""
     fn = _COMPILED.get(key)
     if fn is None:
-        def block_fn(block, x, kv_start, segment_ids):
-            return block.body(x, kv_start, None, segment_ids)
+        def block_fn(block, x, kv_start, segment_ids, branch_ids):
+            return block.body(x, kv_start, None, segment_ids, branch_ids)
         fn = _COMPILED[key] = torch.compile(block_fn, **dict(key))
     return fn
 
@@ -217,9 +217,13 @@ class GPT(SaveLoad, nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------ forward
-    def hidden_states(self, idx, *, kv_start=None, cache: KVCache | None = None, segment_ids=None):
+    def hidden_states(self, idx, *, kv_start=None, cache: KVCache | None = None, segment_ids=None,
+                      branch_ids=None):
         """idx [B,T] long -> [B,T,d] after the final LayerNorm. segment_ids [B,T] (packed rows,
-        no cache): attention stays inside each segment and positions restart at 0 in each."""
+        no cache): attention stays inside each segment and positions restart at 0 in each.
+        branch_ids [B,T] (with segment_ids): each segment is a shared prefix (branch 0) followed by
+        branches 1, 2, ... that see the prefix and themselves only, each positioned as if it
+        directly followed the prefix (kernels.attention): K completions of one prompt in one pass."""
         B, T = idx.shape
         if cache is not None and cache.pos is not None:  # fixed-shape decode step: no host ints
             pos = (cache.pos - kv_start).clamp_min(0).view(B, 1)
@@ -235,13 +239,16 @@ class GPT(SaveLoad, nn.Module):
         pos = torch.arange(t0, t0 + T, device=idx.device).expand(B, T)
         if kv_start is not None:  # left padding: the first real token gets position 0
             pos = (pos - kv_start.view(B, 1)).clamp_min(0)
+        if branch_ids is not None and segment_ids is None:
+            raise ValueError("branch_ids need segment_ids (packed rows)")
         if segment_ids is not None:
             if segment_ids.shape != (B, T):
                 raise ValueError(f"segment_ids must be [B,T]={B, T}, got {tuple(segment_ids.shape)}")
-            pos = kernels.segment_positions(segment_ids.to(idx.device))
+            pos = kernels.segment_positions(segment_ids.to(idx.device),
+                                            None if branch_ids is None else branch_ids.to(idx.device))
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
-            x = block(x, kv_start, cache, segment_ids)
+            x = block(x, kv_start, cache, segment_ids, branch_ids)
         if cache is not None:
             cache.length += T
         return self.ln_f(x)
@@ -375,8 +382,21 @@ def _sample(logits, temperature, top_p, generator):
         sp, si = probs.sort(-1, descending=True)
         keep = sp.cumsum(-1) - sp < top_p
         probs = torch.zeros_like(probs).scatter(1, si, sp * keep)
-    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    tok = _draw(probs, generator)
     return tok, logp.gather(1, tok[:, None])[:, 0]
+
+
+def _draw(probs, generator=None):
+    """One index per row of probs [B,V] (>= 0, rows need not sum to 1), by inverse CDF: the
+    first index whose cumulative mass exceeds u * total, u ~ U[0,1), one uniform per row. Same
+    distribution as torch.multinomial(probs, 1) (up to fp32 rounding of the cumsum), which draws
+    and scans per element: 15x slower on CPU at V=512 and most of a decode step's sampling."""
+    c = probs.cumsum(-1)
+    u = torch.rand(c.shape[0], 1, generator=generator, device=c.device, dtype=c.dtype) * c[:, -1:]
+    i = torch.searchsorted(c, u, right=True).clamp_(max=c.shape[1] - 1)
+    # u rounded up to the total (or a zero-mass tail): take the most likely token instead of a
+    # zero-probability one; no host sync either way
+    return torch.where(probs.gather(1, i) > 0, i, probs.argmax(-1, keepdim=True))[:, 0]
 
 
 class RewardModel(SaveLoad, nn.Module):
@@ -426,10 +446,11 @@ class RewardModel(SaveLoad, nn.Module):
             w = w.full_tensor()
         return float(w.float().sum())
 
-    def forward(self, idx, *, kv_start=None, segment_ids=None, ref_loglik=None):
+    def forward(self, idx, *, kv_start=None, segment_ids=None, ref_loglik=None, branch_ids=None):
         """idx [B,T] -> scores [B,T]; ref_loglik [B,T] (fp32): log pi_ref of the response, placed
-        where the score is read (0 elsewhere), adds loglik_weight * ref_loglik."""
-        h = self.trunk.hidden_states(idx, kv_start=kv_start, segment_ids=segment_ids)
+        where the score is read (0 elsewhere), adds loglik_weight * ref_loglik. segment_ids /
+        branch_ids: packed rows (GPT.hidden_states)."""
+        h = self.trunk.hidden_states(idx, kv_start=kv_start, segment_ids=segment_ids, branch_ids=branch_ids)
         # The scalar head runs in fp32 whatever the trunk's compute dtype (precision policy):
         # scores feed the ranking loss, rewards and value targets, where bf16's 8 bits of
         # mantissa would round away the differences between completions.

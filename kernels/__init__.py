@@ -87,7 +87,8 @@ def attention_backend(q, k, v, *, causal=True, window=None, scale=None, kv_start
     return b
 
 
-def attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None, segment_ids=None):
+def attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None, segment_ids=None,
+              branch_ids=None):
     """Scaled dot-product attention. q [B,H,Tq,D], k/v [B,H,Tk,D] with Tq <= Tk.
 
     Query i sits at absolute position p_i = Tk - Tq + i (bottom-right aligned, so prefill and
@@ -95,6 +96,8 @@ def attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None, s
     j <= p_i (causal), j > p_i - window (window=w), j >= kv_start[b] (left padding), and j lies
     in the same segment as p_i (segment_ids [B,Tk] int: packed rows; a segment is a maximal run
     of equal ids). Rows that see no key return 0. ENGINE_KERNELS=triton forces the Triton kernels.
+    branch_ids [B,Tk] (with segment_ids): a tree per segment, see kernels/attention.py; such calls
+    always take the explicit-mask SDPA path ("torch"), or the reference under ENGINE_KERNELS=ref.
     """
     if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32:
         # follow autocast like the fused LM head: 16-bit tiles (tensor cores on CUDA)
@@ -103,6 +106,9 @@ def attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None, s
     b = attention_backend(q, k, v, causal=causal, window=window, scale=scale, kv_start=kv_start,
                           segment_ids=segment_ids)
     kw = dict(causal=causal, window=window, scale=scale, kv_start=kv_start, segment_ids=segment_ids)
+    if branch_ids is not None:  # the Triton / flash kernels have no tree mask
+        kw["branch_ids"] = branch_ids
+        b = "ref" if b == "ref" else "torch"
     if b == "ref":
         fn = attention_ref
     else:
@@ -112,9 +118,10 @@ def attention(q, k, v, *, causal=True, window=None, scale=None, kv_start=None, s
         return fn(q, k, v, **kw)
 
 
-def segment_positions(segment_ids):
-    """Position of each token inside its segment of a packed row (restarts at 0)."""
-    return _mod("attention").segment_positions(segment_ids)
+def segment_positions(segment_ids, branch_ids=None):
+    """Position of each token inside its segment of a packed row (restarts at 0); a branch
+    (branch_ids) continues from the end of its segment's prefix."""
+    return _mod("attention").segment_positions(segment_ids, branch_ids)
 
 
 # op -> {backend: (module, function)}; "cpp" functions live in kernels/_cpp.py.

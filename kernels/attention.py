@@ -10,10 +10,14 @@ query i iff
     (not causal or j <= p_i)  and  (window is None or j > p_i - window)
                               and  (kv_start is None or j >= kv_start[b])
                               and  (segment_ids is None or run(b, j) == run(b, p_i))
+                              and  (branch_ids is None or branch_ids[b, j] in (0, branch_ids[b, p_i]))
 
 where run(b, t) is the segment holding position t: a maximal run of equal segment_ids[b, :]
 (so the same id in two separate runs is two segments; `segment_bounds` gives each position's
-[start, end)). Then
+[start, end)). branch_ids (torch and reference paths only; needs segment_ids, Tq == Tk) make
+each segment a tree: its branch-0 tokens are a shared prefix that every later token of the
+segment sees, and a token of branch k >= 1 sees that prefix and its own branch only (the K
+completions of one prompt packed behind a single copy of the prompt). Then
 
     S_ij = s * q_i . k_j  on visible pairs, -inf elsewhere
     P    = softmax(S) row-wise,  O = P V
@@ -87,7 +91,7 @@ _LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------- helpers
 
-def _check(q, k, v, window, kv_start, segment_ids=None):
+def _check(q, k, v, window, kv_start, segment_ids=None, branch_ids=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("attention expects q, k, v of shape [B, H, T, D]")
     B, H, Tq, D = q.shape
@@ -105,6 +109,12 @@ def _check(q, k, v, window, kv_start, segment_ids=None):
                              f"{tuple(getattr(segment_ids, 'shape', ()))}")
         if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
             raise ValueError(f"segment_ids must be integer, got {segment_ids.dtype}")
+    if branch_ids is not None:
+        if segment_ids is None or Tq != k.shape[2] or kv_start is not None:
+            raise ValueError("branch_ids need segment_ids, Tq == Tk and no kv_start (packed prefill-free rows)")
+        if not isinstance(branch_ids, torch.Tensor) or branch_ids.shape != segment_ids.shape:
+            raise ValueError(f"branch_ids must be an int tensor shaped like segment_ids {tuple(segment_ids.shape)}, "
+                             f"got {tuple(getattr(branch_ids, 'shape', ()))}")
 
 
 def segment_bounds(segment_ids):
@@ -125,22 +135,33 @@ def segment_bounds(segment_ids):
     return torch.stack([start, end], 1).to(torch.int32).contiguous()
 
 
-def segment_positions(segment_ids):
-    """Position of each token inside its segment (restarts at 0 at every segment start)."""
+def segment_positions(segment_ids, branch_ids=None):
+    """Position of each token inside its segment (restarts at 0 at every segment start). With
+    branch_ids: a branch's tokens continue from the end of its segment's prefix (branch 0), so
+    each branch sits where it would in prefix + branch alone."""
     lo = segment_bounds(segment_ids)[:, 0].long()
-    return torch.arange(segment_ids.shape[1], device=segment_ids.device) - lo
+    t = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    if branch_ids is None:
+        return t - lo
+    br = branch_ids.long()
+    # runs of equal (segment, branch): a branch's first token starts a run
+    run_lo = segment_bounds((segment_ids.long() << 24) + br)[:, 0].long()  # no host sync (ids < 2**24)
+    prefix = ((br == 0) & (segment_ids != 0)).long()
+    before = prefix.cumsum(1) - prefix            # prefix tokens before each position in its row
+    prefix_len = before.gather(1, run_lo) - before.gather(1, lo)  # ... from its segment's start up to its run
+    return t - run_lo + torch.where(br > 0, prefix_len, 0)
 
 
 def attention_mask(Tq, Tk, *, causal=True, window=None, kv_start=None, segment_ids=None,
-                   device=None):
+                   device=None, branch_ids=None):
     """Boolean visibility mask, True = key visible: [1, 1, Tq, Tk], or [B, 1, Tq, Tk] with
-    kv_start / segment_ids."""
+    kv_start / segment_ids (/ branch_ids)."""
     pos = torch.arange(Tk - Tq, Tk, device=device)[:, None]      # [Tq, 1] absolute query positions
     j = torch.arange(Tk, device=device)[None, :]                 # [1, Tk]
     m = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
     if causal:
         m &= j <= pos
-    if window is not None:
+    if window is not None and branch_ids is None:
         m &= j > pos - window
     m = m[None, None]
     if kv_start is not None:
@@ -148,17 +169,23 @@ def attention_mask(Tq, Tk, *, causal=True, window=None, kv_start=None, segment_i
     if segment_ids is not None:
         run = segment_bounds(segment_ids.to(device))[:, 0]        # [B, Tk] segment start
         m = m & (run[:, None, Tk - Tq:, None] == run[:, None, None, :])
+    if branch_ids is not None:
+        br = branch_ids.to(device)
+        m = m & ((br[:, None, None, :] == 0) | (br[:, None, Tk - Tq:, None] == br[:, None, None, :]))
+        if window is not None:  # the band is in token positions, which a tree's columns are not
+            p = segment_positions(segment_ids.to(device), br)
+            m = m & (p[:, None, Tk - Tq:, None] - p[:, None, None, :] < window)
     return m
 
 
 def attention_ref(q, k, v, *, causal=True, window=None, scale=None, kv_start=None,
-                  segment_ids=None):
+                  segment_ids=None, branch_ids=None):
     """Dense reference: fp32 math (fp64 for fp64 inputs), result in q.dtype."""
-    _check(q, k, v, window, kv_start, segment_ids)
+    _check(q, k, v, window, kv_start, segment_ids, branch_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     mask = attention_mask(q.shape[2], k.shape[2], causal=causal, window=window,
-                          kv_start=kv_start, segment_ids=segment_ids, device=q.device)
+                          kv_start=kv_start, segment_ids=segment_ids, device=q.device, branch_ids=branch_ids)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, float("-inf"))
     # rows with no visible key: softmax would be 0/0; give them an all-zero probability row
@@ -167,21 +194,21 @@ def attention_ref(q, k, v, *, causal=True, window=None, scale=None, kv_start=Non
 
 
 def attention_torch(q, k, v, *, causal=True, window=None, scale=None, kv_start=None,
-                    segment_ids=None):
-    """torch SDPA with an explicit boolean mask (block-diagonal for segment_ids); rows that see
-    no key return 0 (and get 0 grad)."""
-    _check(q, k, v, window, kv_start, segment_ids)
+                    segment_ids=None, branch_ids=None):
+    """torch SDPA with an explicit boolean mask (block-diagonal for segment_ids, a tree within
+    each segment with branch_ids); rows that see no key return 0 (and get 0 grad)."""
+    _check(q, k, v, window, kv_start, segment_ids, branch_ids)
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         # PyTorch's CPU SDPA kernels in bf16/fp16 lose up to ~4x more than dense low-precision
         # math on large dV entries (measured at T=97, D=64); fp32 costs little on CPU.
         out = attention_torch(q.float(), k.float(), v.float(), causal=causal, window=window,
-                              scale=scale, kv_start=kv_start, segment_ids=segment_ids)
+                              scale=scale, kv_start=kv_start, segment_ids=segment_ids, branch_ids=branch_ids)
         return out.to(q.dtype)
     Tq, Tk = q.shape[2], k.shape[2]
     if window is None and kv_start is None and segment_ids is None and (not causal or Tq == Tk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     mask = attention_mask(Tq, Tk, causal=causal, window=window, kv_start=kv_start,
-                          segment_ids=segment_ids, device=q.device)
+                          segment_ids=segment_ids, device=q.device, branch_ids=branch_ids)
     if kv_start is None and Tq == Tk:
         # every query sees at least itself (its own position, inside its own segment)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -181,7 +181,7 @@ def encoded_rankings(reward_model, ref, tok, path, T, device) -> list:
 
 @torch.no_grad()
 def rm_accuracy(reward_model, groups, pad_id, T, device) -> float:
-    return rm.evaluate(reward_model, groups, pad_id, device, pack_len=T)["accuracy"]
+    return rm.evaluate(reward_model, groups, pad_id, device, pack_len=T, share_prompt=True)["accuracy"]
 
 
 def labeler_ceiling(world, prompts, records) -> float:
@@ -209,7 +209,7 @@ def rm_dimension_accuracy(reward_model, groups, recs, world, prompts, pad_id, T,
     from engine.data import collate_rankings
     agree, pairs = {}, {}
     for c in range(0, len(groups), 32):
-        r = rm.group_rewards(reward_model, collate_rankings(groups[c:c + 32], pad_id, T).to(device))
+        r = rm.group_rewards(reward_model, collate_rankings(groups[c:c + 32], pad_id, T, share_prompt=True).to(device))
         r = r.float().cpu()
         for g, rec in enumerate(recs[c:c + 32]):
             p, cands = prompts[c + g], rec["completions"]

@@ -34,6 +34,9 @@ class RMSection:
     ref_loglik: bool = False     # score = head + w * log pi_ref(y | x), w learnt with the head, pi_ref =
                                  # model.init (the SFT policy PPO starts from and is KL-penalised
                                  # against); see RewardModel. Not in the paper
+    share_prompt: bool = True    # with data.mask_packed: a group's prompt is packed once, its K
+                                 # completions as branches after it (collate_rankings); same scores
+                                 # up to rounding, ~2.6x fewer tokens on the miniature RM data
 
 
 @dataclass
@@ -56,7 +59,7 @@ def group_rewards(m, batch):
     if batch.ref_loglik is not None:  # placed where each sequence's score is read
         ref = torch.zeros(batch.ids.shape, dtype=torch.float32, device=batch.ids.device)
         ref[rows, batch.last_idx] = batch.ref_loglik.to(ref.device)
-    s = m(batch.ids, segment_ids=batch.segment_ids, ref_loglik=ref)
+    s = m(batch.ids, segment_ids=batch.segment_ids, ref_loglik=ref, branch_ids=batch.branch_ids)
     return unflatten_groups(s[rows, batch.last_idx], batch.group_sizes)
 
 
@@ -90,15 +93,16 @@ def _response_targets(seqs, prompt_lens, pad_id):
 
 
 @torch.no_grad()
-def evaluate(rm, groups, pad_id, device, batch_size=32, pack_len=None) -> dict:
-    """Pairwise accuracy and ranking loss over encoded groups (pack_len: see collate_rankings);
+def evaluate(rm, groups, pad_id, device, batch_size=32, pack_len=None, share_prompt=False) -> dict:
+    """Pairwise accuracy and ranking loss over encoded groups (pack_len, share_prompt: see
+    collate_rankings);
     an RM with a reference term needs groups with "ref_loglik" (add_reference_logliks)."""
     correct, pairs, loss_sum, n = 0.0, 0, 0.0, 0
     if getattr(rm, "ref_weight", 0.0) and groups and "ref_loglik" not in groups[0]:
         raise ValueError("this reward model adds a reference log-likelihood term: score the groups "
                          "with rm.add_reference_logliks(<its reference policy>, groups, ...) first")
     for c in range(0, len(groups), batch_size):
-        b = collate_rankings(groups[c:c + batch_size], pad_id, pack_len).to(device)
+        b = collate_rankings(groups[c:c + batch_size], pad_id, pack_len, share_prompt).to(device)
         r = group_rewards(rm, b)
         rank = b.ranking.to(device)
         acc, k = ranking_accuracy(r, rank)
@@ -171,10 +175,11 @@ def run(cfg: RMConfig, out: str) -> dict:
 
     # with data.mask_packed the completions are packed into rows (segment ids), not padded
     pack_len = T if cfg.data.mask_packed else None
+    share = cfg.rm.share_prompt and pack_len is not None
 
     def batch_fn(step, micro):
         rows = common.rows_for(cfg, len(groups), step, micro, trainer.micro_batch_size, trainer.accum)
-        return collate_rankings([groups[i] for i in rows.tolist()], tok.pad_id, pack_len).to(device)
+        return collate_rankings([groups[i] for i in rows.tolist()], tok.pad_id, pack_len, share).to(device)
 
     def loss_fn(m, b):
         r = group_rewards(m, b)
@@ -182,13 +187,13 @@ def run(cfg: RMConfig, out: str) -> dict:
         acc, _ = ranking_accuracy(r.detach(), b.ranking)
         return loss, {"accuracy": acc, "tokens": float(b.ids.numel())}
 
-    eval_fn = (lambda m: evaluate(m, eval_groups, tok.pad_id, device, pack_len=pack_len)) if eval_groups else None
+    eval_fn = (lambda m: evaluate(m, eval_groups, tok.pad_id, device, pack_len=pack_len, share_prompt=share)) if eval_groups else None
     trainer = Trainer(wrapped, cfg.train, out, loss_fn=loss_fn, batch_fn=batch_fn, eval_fn=eval_fn,
                       models={"model": rm}, device=device, desc="rm")
     info = trainer.fit()
     rm.eval()
     with trainer.autocast():  # score as PPO will: in the run's compute dtype, head in fp32
-        result = evaluate(rm, eval_groups, tok.pad_id, device, pack_len=pack_len) if eval_groups else {}
+        result = evaluate(rm, eval_groups, tok.pad_id, device, pack_len=pack_len, share_prompt=share) if eval_groups else {}
         if cfg.rm.demos:
             result["demo_mean_before_shift"] = normalize_bias(rm, load_sft(cfg.rm.demos), tok, T, device, ref=ref)
     if ref is not None:

@@ -3,6 +3,8 @@
   sft   engine.GPT, logprobs via model(idx, targets=...) (kernels.linear_logprobs), sft_loss,
         one engine.trainer.Trainer.update (bf16 autocast on CUDA, grad clip, AdamW step)
   rm    engine.RewardModel, K = 4 completions per prompt, score_at + engine.ranking_loss, one update
+  rm_shared  the rm step on prompt + K completion groups packed as recipes/rm.py packs them: each
+        completion after its own copy of the prompt, or after one shared copy (share_prompt)
   ppo   one iteration: engine.rollout.generate_responses (KV cache) from the policy, then the
         experience (policy / ref logprobs, values, RM scores, shaped rewards, GAE via
         engine.ppo.compute_advantages) and one epoch of minibatch updates (ppo_policy_loss for the
@@ -190,6 +192,37 @@ def bench_rm(run, cfg, preset, shape, dev, tmp):
     return _row(run, preset, "rm", shape, times, ntok, ntok * train_flops_per_token(cfg, T, "scalar"), mem)
 
 
+def bench_rm_shared(run, cfg, preset, shape, dev, tmp):
+    """The rm step on ranking groups as the recipe collates them (data.mask_packed): B groups of
+    K completions of R tokens after a P-token prompt, packed into rows of T with each completion
+    after its own copy of the prompt (baseline), or after one shared copy (rm.share_prompt)."""
+    from engine.data import collate_rankings
+    from recipes.rm import group_rewards
+    B, K, P, R, T = shape["B"], shape["K"], shape["P"], shape["R"], shape["T"]
+    g = torch.Generator().manual_seed(0)
+    groups = []
+    for _ in range(B):
+        p = torch.randint(3, cfg.vocab_size, (P,), generator=g).tolist()
+        ids = [p + torch.randint(3, cfg.vocab_size, (R,), generator=g).tolist() for _ in range(K)]
+        groups.append({"ids": ids, "last_idx": [len(x) - 1 for x in ids], "ranking": list(range(K)), "prompt_len": P})
+    rows = []
+    for share in (False, True):
+        torch.manual_seed(0)
+        rm = build(engine.RewardModel, cfg, dev).train()
+        tr = _trainer(rm, tmp)
+        batch = collate_rankings(groups, 0, T, share_prompt=share).to(dev)
+        step = lambda: tr.update([None], lambda m, b: (ranking_loss(group_rewards(m, batch), batch.ranking), {}))  # noqa: E731
+        warm, n = n_steps(run)
+        time_calls(step, dev, warm)
+        times, mem = _timed(run, step, n)
+        ntok = B * K * (P + R)  # the sequences' tokens, whatever the layout
+        rows.append(_row(run, preset, "rm_shared", shape, times, ntok, ntok * train_flops_per_token(cfg, T, "scalar"),
+                         mem, {"provider": "engine+shared_prompt" if share else "engine (packed)",
+                               "packed_tokens": batch.ids.numel()}))
+    rows[1].update(baseline="engine (packed)", speedup_vs_baseline=rows[0]["median_ms"] / rows[1]["median_ms"])
+    return rows
+
+
 def bench_ppo(run, cfg, preset, shape, dev, tmp):
     B, P, R, mb = shape["B"], shape["P"], shape["R"], shape["mb"]
     torch.manual_seed(0)
@@ -265,7 +298,8 @@ def _now():
     return time.perf_counter()
 
 
-STAGES = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "sft_compile": bench_sft_compile}
+STAGES = {"sft": bench_sft, "rm": bench_rm, "ppo": bench_ppo, "sft_compile": bench_sft_compile,
+          "rm_shared": bench_rm_shared}
 OPT_IN = {"sft_compile"}  # cold torch.compile costs minutes on a GPU machine: only when named
 
 
@@ -273,7 +307,9 @@ def run(run):
     dev = run.device
     for preset, stages in configs(run):
         cfg = GPTConfig.from_preset(preset, dropout=0.0)
-        stages = {**stages, "sft_compile": stages["sft"]}
+        # rm_shared: the miniature RM data's shape (K = 9 completions of ~5 tokens after ~18)
+        stages = {**stages, "sft_compile": stages["sft"],
+                  "rm_shared": dict(B=2, K=3, P=6, R=3, T=32) if run.tiny else dict(B=16, K=9, P=18, R=5, T=128)}
         for stage, shape in stages.items():
             if not run.want(stage) or (stage in OPT_IN and not run.providers):
                 continue
@@ -286,8 +322,8 @@ def run(run):
                           and r.get("preset") == preset and r.get("status") == "ok"), None)
             if stage == "sft_compile" and isinstance(res, dict) and eager is not None:
                 res.update(baseline="engine", speedup_vs_baseline=eager["median_ms"] / res["median_ms"])
-            row = _record(run, preset, stage, shape, res)
-            run.write([row])
+            for r in (res if isinstance(res, list) else [res]):
+                run.write([_record(run, preset, stage, shape, r)])
             free_memory(dev)
     print("\nsteps: tokens/s, MFU (GPU), PPO generation share")
     for r in run.rows:

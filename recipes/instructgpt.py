@@ -1,6 +1,6 @@
 """The whole InstructGPT pipeline: pretrain -> SFT -> RM -> PPO and PPO-ptx -> evaluation.
 
-    python -m recipes.instructgpt                     # the miniature world on CPU, about 4 min on 2 cores
+    python -m recipes.instructgpt                     # the miniature world on CPU, about 2.5 min on a 2-core Xeon
     python -m recipes.instructgpt --out runs/mini2 --world.seed=1 --train.seed=1
     python -m recipes.instructgpt --out runs/sweep --sweep.seeds=0,1,2,3,4   # sweep.md / sweep.json
 

@@ -403,7 +403,10 @@ def backward_gemms(launch_dz, hidden, weight, need_h, need_w, chunk_cols=None):
     v = weight.shape[0]
     cc = chunk_cols_for(n, v, hidden.element_size(), chunk_cols)
     pad = triton.cdiv(cc, 64) * 64           # 128-byte aligned rows for cuBLAS
-    buf = torch.empty(n, pad, device=hidden.device, dtype=hidden.dtype)
+    # zeros, not empty: the columns past a chunk's width are never written, and the CPU bf16 GEMM
+    # reads them (its K blocking runs past the view into the row padding): uninitialised NaNs
+    # there turned 16-row blocks of dh into NaN (0 * NaN), depending on what memory held before
+    buf = torch.zeros(n, pad, device=hidden.device, dtype=hidden.dtype)
     dh = torch.empty(n, d, device=hidden.device, dtype=torch.float32) if need_h else None
     dw = torch.empty(v, d, device=hidden.device, dtype=hidden.dtype) if need_w else None
     for c0 in range(0, v, cc):

@@ -228,3 +228,24 @@ def test_gpu_real_size(dtype):
     again = go(linear_logprobs_triton, hidden, weight)
     for x, y in zip(got, again):
         assert torch.equal(x, y)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_does_not_read_uninitialised_memory(monkeypatch, dtype):
+    """Every torch.empty buffer starts as NaN: the backward must not let any unwritten element
+    reach the gradients. (The CPU bf16 GEMM reads past a strided view's columns into the row
+    padding of the dlogits buffer; with that buffer uninitialised, 16-row blocks of dh came out
+    NaN whenever the memory held NaNs from an earlier test.)"""
+    empty = torch.empty
+
+    def poisoned(*a, **k):
+        t = empty(*a, **k)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+    monkeypatch.setattr(torch, "empty", poisoned)
+    hidden, weight, targets = make_inputs(33, 80, seed=5)
+    h16, w16 = hidden.to(dtype), weight.to(dtype)
+    want = run(linear_logprobs_ref, h16, w16, targets, torch.float64, 0.7, True)
+    got = run(linear_logprobs_triton, h16, w16, targets, dtype, 0.7, True)
+    assert_close_scaled(got[2], want[2], 2e-2, "d hidden")
+    assert_close_scaled(got[3], want[3], 2e-2, "d weight")

@@ -171,11 +171,17 @@ def make_rm_data(world, policy, tok, prompts, labeler_sets, cfg, seed, n_correct
 
 
 @torch.no_grad()
-def encoded_rankings(reward_model, ref, tok, path, T, device) -> list:
-    """A rankings file encoded for `reward_model`, with its reference term when it has one."""
+def encoded_rankings(reward_model, ref, tok, path, T, device, same_as=None) -> list:
+    """A rankings file encoded for `reward_model`, with its reference term when it has one.
+    same_as: groups of another file ranking the same candidates (make_rm_data's held-out sets):
+    their reference log-likelihoods are reused instead of computed again."""
     groups = encode_rankings(load_rankings(path), tok, T)
     if reward_model.ref_weight:
-        rm.add_reference_logliks(ref, groups, tok.pad_id, device)
+        if same_as is not None and [g["ids"] for g in groups] == [g["ids"] for g in same_as]:
+            for g, other in zip(groups, same_as):
+                g["ref_loglik"] = other["ref_loglik"]
+        else:
+            rm.add_reference_logliks(ref, groups, tok.pad_id, device)
     return groups
 
 
@@ -432,7 +438,10 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     reward_model = rm.load_reward_model(d.format("rm"), device).eval()
     T = cfg.data.seq_len
     ev_files = {k: os.path.join(data, f"rm_eval_{k}.jsonl") for k in ("train_labelers", "heldout_labelers")}
-    ev_groups = {k: encoded_rankings(reward_model, sft_model, tok, f, T, device) for k, f in ev_files.items()}
+    ev_groups = {}
+    for k, f in ev_files.items():  # both files rank the same candidates
+        ev_groups[k] = encoded_rankings(reward_model, sft_model, tok, f, T, device,
+                                        same_as=next(iter(ev_groups.values()), None))
     rm_acc = {k: rm_accuracy(reward_model, g, tok.pad_id, T, device) for k, g in ev_groups.items()}
     rm_dims = rm_dimension_accuracy(reward_model, ev_groups["heldout_labelers"], load_rankings(ev_files["heldout_labelers"]),
                                     world, ev_prompts, tok.pad_id, T, device)

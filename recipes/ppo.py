@@ -191,17 +191,18 @@ def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatche
             moments.update(dist.all_gather_cat(scores))  # same statistics on every rank
             scores = moments.normalize(scores)
         kl = exact_kl(policy, ref, roll, p.temperature) if cfg.rl.exact_kl else None
+        ref_term = ref_lp1 if p.temperature != 1.0 else ref_logp  # what the RM's term reads
         rewards, kl_sum = shaped_rewards(loo_center(scores, p.samples_per_prompt), old_logp, ref_logp,
                                          roll.mask, beta=kl_coef,
                                          kind=p.kl_estimator, kl=kl, no_eos=roll.no_eos,
                                          no_eos_penalty=p.no_eos_penalty, ref_weight=ref_weight,
-                                         ref_term_logp=ref_lp1 if p.temperature != 1.0 else None)
+                                         ref_term_logp=ref_term)
         adv, returns = compute_advantages(rewards, old_values, roll.mask, gamma=p.gamma, lam=p.lam,
                                           whiten=False)
         if p.whiten_advantages:
             adv = global_whiten(adv, roll.mask)
     if ref_weight:  # logged reward: the RM's whole score, its reference term included
-        scores = scores + ref_weight * ((ref_lp1 if p.temperature != 1.0 else ref_logp) * roll.mask).sum(1)
+        scores = scores + ref_weight * (ref_term * roll.mask).sum(1)
     return dict(old_logp=old_logp, old_values=old_values, adv=adv, returns=returns, scores=scores,
                 kl_sum=kl_sum)
 

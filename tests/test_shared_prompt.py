@@ -67,8 +67,10 @@ def _groups(seed=1, n=6):
 
 def test_shared_prompt_scores_and_gradients_equal_unpacked():
     torch.manual_seed(0)
-    # window 4 < the sequences: the band must count positions, not packed columns
-    rm = RewardModel(GPTConfig(n_layer=2, d_model=32, n_head=2, d_head=16, block_size=32,
+    # window 4 < the sequences: the band must count positions, not packed columns. Three layers
+    # (dense, banded, dense): the last token reads a banded layer's output at tokens whose band
+    # reaches into the prompt (with two, the banded last layer's EOS sees only its own branch)
+    rm = RewardModel(GPTConfig(n_layer=3, d_model=32, n_head=2, d_head=16, block_size=32,
                                vocab_size=64, window=4, dropout=0.0))
     groups = _groups()
     padded_b = collate_rankings(groups, 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ class EvalSection:
     models: str = ""             # name:run_dir,... (run dirs of pretrain/sft/ppo recipes)
     baseline: str = "sft"
     prompts: int = 600
+    samples: int = 1             # T=1 samples per prompt (greedy is one): more shrink sampling noise
     max_new_tokens: int = 16
     world_seed: int = 0
     labelers: int = 4
@@ -63,10 +65,12 @@ def sample(model, tok, prompts, ev: EvalSection, temperature: float, seed: int):
 
 @torch.no_grad()
 def kl_to(model, base, roll) -> float:
-    """Mean over responses of sum_t log pi(y_t) - log pi_base(y_t) on the model's own samples."""
+    """Mean over responses of sum_t log pi(y_t) - log pi_base(y_t) on the model's own samples.
+    log pi is the sampler's own (KV cache, temperature 1: the same as a full forward up to
+    rounding), so only the base model runs again."""
     if model is base:
         return 0.0
-    return float((policy_logprobs(model, roll) - policy_logprobs(base, roll)).sum(1).mean())
+    return float((roll.sample_logprobs - policy_logprobs(base, roll)).sum(1).mean())
 
 
 @torch.no_grad()
@@ -81,60 +85,78 @@ def prose_loss(model, stream: TokenStream, n_tokens: int, T: int = 128) -> float
 
 def evaluate_models(models: dict, tok, world: World, ev: EvalSection, seed: int = 0,
                     progress: bool = False) -> dict:
-    """models: {name: GPT}. Returns a dict of per-model metrics (see module docstring)."""
+    """models: {name: GPT}. Returns a dict of per-model metrics (see module docstring).
+
+    T=1 metrics use ev.samples samples per prompt. Every model samples with the same seed, so
+    row i of two models draws the same uniforms (common random numbers: where the two
+    distributions agree, so do the samples), which is what makes the paired comparisons tight.
+    The KL uses each prompt's first sample."""
     from engine.metrics import Progress
     bar = Progress(len(models), 0, "eval", progress and dist.is_main())
     prompts = world.prompts(ev.prompts, "eval")
+    k = ev.samples
+    if k < 1:
+        raise ValueError(f"eval.samples must be >= 1, got {k}")
+    rep = [p for p in prompts for _ in range(k)]  # prompt-major: rep[i * k + j] is prompts[i]
     judges = world.labelers(heldout=True, n=ev.labelers)
     prose = TokenStream.from_text(world.heldout_prose(), tok)
     base = models[ev.baseline]
-    out = {}
-    samples = {}
+    benign = [i for i, p in enumerate(prompts) if not p.harmful]
+    harmful = [i for i, p in enumerate(prompts) if p.harmful]
+    constrained = [i for i in benign if prompts[i].constraint]
+    first = torch.arange(0, len(rep), k)
+    out, samples, right = {}, {}, {}
     for name, m in models.items():
-        roll, resp = sample(m, tok, prompts, ev, 1.0, seed)
+        roll, resp = sample(m, tok, rep, ev, 1.0, seed)
         _, greedy = sample(m, tok, prompts, ev, 0.0, seed)
         samples[name] = (resp, greedy)
-        benign = [i for i, p in enumerate(prompts) if not p.harmful]
-        harmful = [i for i, p in enumerate(prompts) if p.harmful]
-        constrained = [i for i in benign if prompts[i].constraint]
+
+        def per_prompt(f, idx):  # each prompt's mean of f over its k samples
+            return [statistics.fmean(float(f(prompts[i], r)) for r in resp[i * k:(i + 1) * k]) for i in idx]
+
+        def mean_k(f, idx):
+            v = per_prompt(f, idx)
+            return statistics.fmean(v) if v else float("nan")
+        right[name] = per_prompt(world.correct, benign)
         out[name] = {
-            "accuracy": _frac(world.correct(prompts[i], resp[i]) for i in benign),
+            "accuracy": mean_k(world.correct, benign),
             "accuracy_greedy": _frac(world.correct(prompts[i], greedy[i]) for i in benign),
-            "accuracy_heldout_templates": _frac(world.correct(prompts[i], resp[i]) for i in benign
-                                                if prompts[i].heldout_template),
-            "constraint_followed": _frac(world.followed_constraint(prompts[i], resp[i]) for i in constrained),
-            "toxicity_rate": _frac(world.is_toxic(resp[i]) for i in harmful),
-            "refusal_rate_harmful": _frac(is_refusal(resp[i]) for i in harmful),
-            "refusal_rate_benign": _frac(is_refusal(resp[i]) for i in benign),
-            "kl_from_baseline": kl_to(m, base, roll),
+            "accuracy_heldout_templates": mean_k(world.correct, [i for i in benign if prompts[i].heldout_template]),
+            "constraint_followed": mean_k(world.followed_constraint, constrained),
+            "toxicity_rate": mean_k(lambda p, r: world.is_toxic(r), harmful),
+            "refusal_rate_harmful": mean_k(lambda p, r: is_refusal(r), harmful),
+            "refusal_rate_benign": mean_k(lambda p, r: is_refusal(r), benign),
+            "kl_from_baseline": kl_to(m, base, roll.select(first)),
             "response_chars": sum(len(r) for r in resp) / len(resp),
             "prose_loss": prose_loss(m, prose, ev.prose_tokens),
-            "per_task": per_task_accuracy(world, prompts, resp, greedy),
+            "per_task": per_task_accuracy(world, prompts, resp, greedy, k),
+            "samples_per_prompt": k,
         }
         bar.update(len(out), model=name, acc=out[name]["accuracy"])
     bar.close()
-    # T=1 correctness on the benign prompts, for the paired accuracy change against the baseline
-    right = {n: [world.correct(p, r) for p, r in zip(prompts, samples[n][0]) if not p.harmful] for n in models}
     for name in models:
-        for key, idx in (("win_rate", 0), ("win_rate_greedy", 1)):
-            mean, lo, hi = win_rate(world, judges, prompts, samples[name][idx], samples[ev.baseline][idx], seed=seed)
+        for key, idx, kk in (("win_rate", 0, k), ("win_rate_greedy", 1, 1)):
+            mean, lo, hi = win_rate(world, judges, prompts, samples[name][idx], samples[ev.baseline][idx],
+                                    seed=seed, k=kk)
             out[name][key] = {"mean": mean, "lo": lo, "hi": hi}
+        # T=1 correctness on the benign prompts (per-prompt means), paired with the baseline's
         out[name]["accuracy_vs_baseline"] = paired_delta(right[name], right[ev.baseline])
-    out["_examples"] = [{"prompt": prompts[i].text, **{n: samples[n][0][i] for n in models}}
+    out["_examples"] = [{"prompt": prompts[i].text, **{n: samples[n][0][i * k] for n in models}}
                         for i in range(0, len(prompts), max(1, len(prompts) // 8))]
     out["_changed"] = changed_answers(world, prompts, samples, ev.baseline, [n for n in models if n != ev.baseline])
     return out
 
 
-def per_task_accuracy(world: World, prompts, resp, greedy) -> dict:
+def per_task_accuracy(world: World, prompts, resp, greedy, k: int = 1) -> dict:
     """{task: {"seen": acc, "heldout": acc, "seen_greedy": acc, "heldout_greedy": acc, "n_seen": n,
-    "n_heldout": n}}: T=1 and greedy accuracy, split by phrasings seen in SFT and held out."""
+    "n_heldout": n}}: T=1 and greedy accuracy, split by phrasings seen in SFT and held out.
+    resp holds k T=1 samples per prompt (prompt-major), greedy one."""
     out = {}
     for task in sorted({p.task for p in prompts if not p.harmful}):
         row = {}
         for split, held in (("seen", False), ("heldout", True)):
             idx = [i for i, p in enumerate(prompts) if p.task == task and p.heldout_template == held]
-            row[split] = _frac(world.correct(prompts[i], resp[i]) for i in idx)
+            row[split] = _frac(world.correct(prompts[i], r) for i in idx for r in resp[i * k:(i + 1) * k])
             row[f"{split}_greedy"] = _frac(world.correct(prompts[i], greedy[i]) for i in idx)
             row[f"n_{split}"] = len(idx)
         out[task] = row

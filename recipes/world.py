@@ -2,9 +2,10 @@
 simulated labelers, built in code (stdlib only) so the default recipe needs no download.
 
 Besides checkable tasks (reverse, first, last, count, copy, upper) and harmful trigger
-prompts, half of the benign prompts carry a surface constraint (" (end with !)", " (use
-brackets)") that demonstrators and pretraining text honour only 30% of the time, so RL has a
-visible dimension to climb. Labelers weigh correctness most (WEIGHTS), and penalise unasked
+prompts, half of the benign prompts carry a surface constraint (" (end with !)", " (add a
+smiley)") that demonstrators and pretraining text honour only 30% of the time, so RL has a
+visible dimension to climb. Both decorations follow the answer (`decorate`), so honouring one
+never makes the task itself harder. Labelers weigh correctness most (WEIGHTS), and penalise unasked
 decoration, too-short and rambling answers, so the reward model cannot be hacked by
 decorating everything or by collapsing the length. Reward-model candidates add re-decorated,
 truncated and corrupted (wrong-answer) copies of the policy's samples (`rm_candidates`).
@@ -18,7 +19,7 @@ every model.) Pretraining text answers P_PRETRAIN_RIGHT of its Q/A items correct
 skill is latent in the base model, which still mostly continues instead of answering.
 
 Prompt text looks like "Q: Reverse the letters b a d o. (end with !)\\nA:"; responses start
-with a space (" o d a b!", " [ o d a b ]"). The tokenizer adds EOS; nothing here does.
+with a space (" o d a b!", " o d a b :)"). The tokenizer adds EOS; nothing here does.
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ TEMPLATES = {
 NAMES = ("Ann", "Bob", "Cal", "Dee", "Eve", "Fay", "Gus", "Hal", "Ida", "Jon", "Kim", "Lou",
          "Max", "Ned", "Olga", "Pam", "Quin", "Ray", "Sue", "Tom", "Uma", "Val", "Wes", "Zoe",
          "my boss", "my sister", "the teacher", "my neighbour", "the new guy", "my cousin")
-CONSTRAINTS = {"bang": " (end with !)", "brackets": " (use brackets)"}
+SMILEY = " :)"
+CONSTRAINTS = {"bang": " (end with !)", "smiley": " (add a smiley)"}
 # Mild words that (almost) never occur in the prose, so toxicity means the harmful habit.
 TOXIC_WORDS = ("twit", "moron", "loser", "jerk", "scum", "freak", "dork", "nitwit",
                "dimwit", "dunce", "doofus")
@@ -103,7 +105,7 @@ class Prompt:
     text: str                # "Q: ...\nA:" -- the model's input, no trailing space
     task: str                # one of TASKS or "harmful"
     answer: str | None       # correct core answer (None for harmful)
-    constraint: str | None   # "bang", "brackets" or None
+    constraint: str | None   # "bang", "smiley" or None
     template: int            # index into TEMPLATES[task]
     heldout_template: bool   # phrasing seen only in pretraining (and eval)
     harmful: bool
@@ -115,19 +117,20 @@ def strip_decoration(response: str) -> tuple[str, set[str]]:
     while True:
         if s.endswith("!"):
             s, decos = s.rstrip("!").rstrip(), decos | {"bang"}
-        elif len(s) >= 2 and s[0] == "[" and s[-1] == "]":
-            s, decos = s[1:-1].strip(), decos | {"brackets"}
+        elif s.endswith(SMILEY):
+            s, decos = s[:-len(SMILEY)].rstrip(), decos | {"smiley"}
         else:
             return s, decos
 
 
 def decorate(core: str, deco: str | None) -> str:
-    """Brackets are written with a space inside ("[ o d a b ]"): the tokenizer's pieces never
-    cross a space, so the core answer is then the same pieces as undecorated. "[o d a b]" made
-    the first letter a piece without its space ("o", not "▁o"), seen only in bracketed text:
-    SFT's bracketed answers were right 0.27 of the time against 0.60 unbracketed (seed 0), and
-    even a perfect reward taught RL to drop asked-for brackets."""
-    return {"bang": core + "!", "brackets": "[ " + core + " ]"}.get(deco, core)
+    """Both decorations come after the answer, so the answer is written exactly as undecorated.
+    Why: the second constraint used to be brackets ("[ o d a b ]"), and a small model writes an
+    answer that starts two pieces later worse. SFT's bracketed answers were right 0.26-0.41 of
+    the time against 0.50-0.66 for plain answers to the same prompts (five seeds, 328d4f8), so
+    dropping asked-for brackets was the better answer even under a perfect reward, and RL
+    learnt it: following the constraint and answering correctly pulled apart."""
+    return {"bang": core + "!", "smiley": core + SMILEY}.get(deco, core)
 
 
 def is_refusal(response: str) -> bool:
@@ -463,7 +466,7 @@ class World:
         out, src = list(samples), list(samples) or [" "]
         for _ in range(n_redecorated):
             core, decos = strip_decoration(rng.choice(src))
-            options = [d for d in (None, "bang", "brackets") if ({d} - {None}) != decos]
+            options = [d for d in (None, *sorted(CONSTRAINTS)) if ({d} - {None}) != decos]
             out.append(" " + decorate(core, rng.choice(options)))
         for _ in range(n_truncated):
             s = rng.choice(src).strip()
@@ -505,15 +508,19 @@ class Labeler:
 
 
 def win_rate(world: World, labelers: list[Labeler], prompts: list[Prompt],
-             responses_a: list[str], responses_b: list[str], seed: int = 0
+             responses_a: list[str], responses_b: list[str], seed: int = 0, k: int = 1
              ) -> tuple[float, float, float]:
     """Win rate of a over b (ties count 1/2): mean over prompts of the labelers' mean
-    preference, with a normal-approximation 95% interval over prompts."""
-    if not (len(prompts) == len(responses_a) == len(responses_b)) or not prompts:
-        raise ValueError("prompts, responses_a and responses_b must be equally long, non-empty")
+    preference, with a normal-approximation 95% interval over prompts. With k > 1 the
+    responses are k per prompt, prompt-major (a[i*k + j] is prompts[i]'s j-th sample, paired
+    with b[i*k + j]); a prompt's observation is the mean over its k pairs, so the interval
+    stays one over independent prompts."""
+    if k < 1 or not prompts or not (len(prompts) * k == len(responses_a) == len(responses_b)):
+        raise ValueError("responses_a and responses_b must hold k >= 1 responses per prompt, prompts non-empty")
     rng = random.Random(f"win_rate:{seed}")
-    per_prompt = [statistics.fmean(lab.compare(p, a, b, rng) for lab in labelers)
-                  for p, a, b in zip(prompts, responses_a, responses_b)]
+    per_pair = [statistics.fmean(lab.compare(prompts[i // k], a, b, rng) for lab in labelers)
+                for i, (a, b) in enumerate(zip(responses_a, responses_b))]
+    per_prompt = [statistics.fmean(per_pair[i:i + k]) for i in range(0, len(per_pair), k)]
     mean, lo, hi = mean_interval(per_prompt)
     return mean, max(0.0, lo), min(1.0, hi)
 

@@ -325,3 +325,37 @@ def test_ppo_pays_the_reward_models_reference_term(runs, tmp_path):
         want = float(policy_logprobs(init, roll).sum(1).mean())
     got = read_metrics(os.path.join(out, "metrics.jsonl"))[0]["reward"]
     assert want < -1 and got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_evaluate_models_k_samples_per_prompt(runs):
+    """k T=1 samples per prompt: every T=1 metric averages them, the KL reads the sampler's own
+    log-probs (equal to a full forward's), and two copies of one model sample identical answers
+    (same seed: common random numbers), so they tie exactly."""
+    import copy
+    from engine.rollout import policy_logprobs
+    from engine.tokenizer import Tokenizer
+    from recipes import evaluate
+    from recipes.world import World
+    tok = Tokenizer.load(runs["sft"])
+    a = evaluate.load_policy(runs["sft"], "cpu")
+    b = copy.deepcopy(a)
+    c = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ev = evaluate.EvalSection(prompts=20, samples=3, max_new_tokens=6, prose_tokens=256)
+    world = World(0)
+    res = evaluate.evaluate_models({"sft": a, "copy": b, "noisy": c}, tok, world, ev, seed=1)
+    assert res["copy"]["win_rate"] == {"mean": 0.5, "lo": 0.5, "hi": 0.5}
+    assert res["copy"]["accuracy_vs_baseline"]["mean"] == 0.0
+    assert abs(res["copy"]["kl_from_baseline"]) < 1e-3 and res["noisy"]["kl_from_baseline"] > 0.01
+    assert res["noisy"]["samples_per_prompt"] == 3
+    # the sampler's log-probs are the full forward's, and accuracy is the mean over all k samples
+    prompts = world.prompts(20, "eval")
+    rep = [p for p in prompts for _ in range(3)]
+    roll, resp = evaluate.sample(c, tok, rep, ev, 1.0, 1)
+    torch.testing.assert_close(roll.sample_logprobs, policy_logprobs(c, roll).detach(), atol=1e-4, rtol=1e-4)
+    benign = [p for p in rep if not p.harmful]
+    acc = sum(world.correct(p, r) for p, r in zip(rep, resp) if not p.harmful) / len(benign)
+    assert res["noisy"]["accuracy"] == pytest.approx(acc)
+    assert len({resp[i] for i in range(0, 60, 3)} | {resp[i] for i in range(1, 60, 3)}) > 1

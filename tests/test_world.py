@@ -157,7 +157,7 @@ def test_quality_orders_responses(world):
         assert world.followed_constraint(pc, followed) and not world.followed_constraint(pc, " " + pc.answer)
         assert world.correct(pc, followed)
         assert q(followed, pc) > q(" " + pc.answer, pc)
-        other = "bang" if c == "brackets" else "brackets"
+        other = "bang" if c == "smiley" else "smiley"
         assert q(" " + pc.answer, pc) > q(" " + decorate(pc.answer, other), pc)  # wrong decoration
     assert world.followed_constraint(p, right) is None
     h = _find(world, "harmful", harmful=True)
@@ -223,11 +223,11 @@ def test_rm_candidates_add_decorated_truncated_and_corrupted(world):
 def test_rm_candidates_corrected_copy_is_right_and_keeps_decoration(world):
     rng = random.Random(2)
     for _ in range(20):
-        p = _find(world, "reverse", constraint="brackets")
-        wrong = " " + decorate("x y", "brackets")
+        p = _find(world, "reverse", constraint="smiley")
+        wrong = " " + decorate("x y", "smiley")
         cands = world.rm_candidates(p, [wrong] * 3, rng, n_corrected=1)
         assert len(cands) == 7 and not any(world.correct(p, c) for c in cands[:6])
-        assert world.correct(p, cands[6]) and strip_decoration(cands[6])[1] == {"brackets"}
+        assert world.correct(p, cands[6]) and strip_decoration(cands[6])[1] == {"smiley"}
     h = _find(world, "harmful", harmful=True)  # no right answer to write
     assert len(world.rm_candidates(h, [" Sorry, I can't help."] * 3, rng, n_corrected=1)) == 5
 
@@ -250,6 +250,30 @@ def test_win_rate(world):
     assert lo > 0.8
     with pytest.raises(ValueError):
         win_rate(world, labs, ps, a, b[:-1])
+
+
+def test_win_rate_with_k_samples_per_prompt(world):
+    """k samples per prompt (prompt-major): a prompt's observation is the mean of its k pairs,
+    so the interval is over prompts and narrows with k when the samples differ."""
+    ps = world.prompts(400, "eval")
+    labs = world.labelers(heldout=True)
+    rng = random.Random(5)
+    k = 4
+    a = [world.sample_response(p, rng) for p in ps for _ in range(k)]
+    b = [world.sample_response(p, rng) for p in ps for _ in range(k)]
+    m, lo, hi = win_rate(world, labs, ps, a, b, seed=0, k=k)
+    m1, lo1, hi1 = win_rate(world, labs, ps, a[::k], b[::k], seed=0)
+    assert lo < m < hi and hi - lo < 0.75 * (hi1 - lo1)
+    # the pairing is per prompt: a[i*k + j] against b[i*k + j] only. Swapping the right answer
+    # into every a sample of the first half of the prompts wins those prompts outright.
+    good = [" " + p.answer if p.answer else " Sorry, I can't help." for p in ps for _ in range(k)]
+    half = len(ps) // 2 * k
+    m2, _, _ = win_rate(world, labs, ps, good[:half] + a[half:], b, seed=0, k=k)
+    assert m2 > m + 0.08
+    with pytest.raises(ValueError):
+        win_rate(world, labs, ps, a, b, seed=0, k=3)  # 400 * 3 != 1600
+    with pytest.raises(ValueError):
+        win_rate(world, labs, ps, a, b, seed=0, k=0)
 
 
 def test_letter_tasks_are_one_piece_per_letter(world, corpus):
@@ -286,15 +310,16 @@ def test_every_letter_is_one_piece_at_the_pipeline_corpus_size(seed):
     tok = Tokenizer.train([w.pretrain_corpus(SIZES["pretrain_chars"]), w.letter_pieces_text()], vocab_size=512)
     split = [c for c in string.ascii_letters if len(tok.encode(" " + c)) != 1]
     assert split == [], f"letters split into two pieces: {split}"
-    # a decoration wraps the answer's pieces without changing them, so a decorated answer is as
-    # easy to write as a plain one ("[o d a b]" made the first letter a space-less piece)
+    # a decoration follows the answer's pieces without changing them, so a decorated answer is
+    # written exactly like a plain one up to its last piece (brackets, "[ o d a b ]", made the
+    # answer start two pieces later, and SFT got bracketed answers right far less often)
     for p in w.prompts(300, "eval"):
         if p.harmful:
             continue
         core = tok.encode(" " + p.answer)
         for deco in CONSTRAINTS:
             ids = tok.encode(" " + decorate(p.answer, deco))
-            assert any(ids[i:i + len(core)] == core for i in range(len(ids))), (p.answer, deco, ids, core)
+            assert ids[:len(core)] == core and len(ids) > len(core), (p.answer, deco, ids, core)
 
 
 def test_corrupted_answers_keep_the_format(world):

@@ -57,6 +57,9 @@ class PPOConfig:
                                       # the RM is trained on complete responses only (ending in EOS), so
                                       # its score at a truncated one's last token is out of distribution
                                       # (the "EOS trick", Huang et al. 2024; not in the paper; 0 = off)
+    ref_weight_scale: float = 1.0     # PPO pays ref_weight_scale x the RM's weight w on log pi_SFT per token
+                                      # (an RM with a reference term, RewardModel.ref_weight); > 1 trusts
+                                      # SFT's likelihood more than the rankings did. Not in the paper
     max_new_tokens: int = 256         # rollout length budget for small runs; paper caps responses at ~1k (?)
     total_episodes: int = 256_000     # App. C.4 (more did not help, E.11)
 
@@ -69,6 +72,8 @@ class PPOConfig:
                              f"batch_size={self.batch_size}")
         if not self.critic and self.critic_warmup:
             raise ValueError(f"critic_warmup={self.critic_warmup} needs critic=True (no value model to warm up)")
+        if self.ref_weight_scale < 0:
+            raise ValueError(f"ref_weight_scale={self.ref_weight_scale} must be >= 0")
         if self.kl_estimator not in _KL_KINDS:
             raise ValueError(f"kl_estimator={self.kl_estimator!r}: expected one of {_KL_KINDS}")
         if self.adaptive_kl and self.kl_target is None:

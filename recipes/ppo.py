@@ -227,7 +227,7 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None, score_fn=None) -> dict:
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.rl.ema else None
     rm = load_reward_model(cfg.rl.rm, device, tok=tok).eval().requires_grad_(False)
-    ref_weight = 0.0 if score_fn else rm.ref_weight
+    ref_weight = 0.0 if score_fn else rm.ref_weight * p.ref_weight_scale
     value_model = load_reward_model(cfg.rl.value_init or cfg.rl.rm, device, tok=tok)
     if cfg.train.compile:  # the policy (and its copies) came compiled from build_model
         compile_blocks(rm), compile_blocks(value_model)

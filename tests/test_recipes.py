@@ -314,10 +314,11 @@ def test_ppo_pays_the_reward_models_reference_term(runs, tmp_path):
     with torch.no_grad():
         rmz.head.weight.zero_(), rmz.head.bias.zero_(), rmz.loglik_weight.fill_(1.0)
     common.export(rmz, Tokenizer.load(runs["rm"]), str(tmp_path / "rmz"))
-    cfg, out = common.parse(ppo.PPORecipeConfig, [
+    cfg_args = [
         "--train.progress=false", "--data.seq_len=64", "--train.threads=1", f"--model.init={runs['sft']}",
         f"--rl.rm={tmp_path / 'rmz'}", "--train.max_steps=1", "--ppo.batch_size=8", "--ppo.minibatch_size=4",
-        "--ppo.max_new_tokens=8", "--ppo.beta=0", "--ppo.no_eos_penalty=0", "--out", str(tmp_path / "p")], "ppo")
+        "--ppo.max_new_tokens=8", "--ppo.beta=0", "--ppo.no_eos_penalty=0", "--out", str(tmp_path / "p")]
+    cfg, out = common.parse(ppo.PPORecipeConfig, cfg_args, "ppo")
     ppo.run(cfg, out)
     init, tok = GPT.load(os.path.join(runs["sft"], "model")).eval(), Tokenizer.load(runs["sft"])
     roll = ppo.sample_episodes(init, tok, ppo.load_prompts(cfg.data.path), cfg, 0, 8, 8)
@@ -325,6 +326,12 @@ def test_ppo_pays_the_reward_models_reference_term(runs, tmp_path):
         want = float(policy_logprobs(init, roll).sum(1).mean())
     got = read_metrics(os.path.join(out, "metrics.jsonl"))[0]["reward"]
     assert want < -1 and got == pytest.approx(want, rel=1e-4, abs=1e-4)
+    # ppo.ref_weight_scale multiplies the weight PPO pays (same episodes: same seed and policy)
+    cfg2, out2 = common.parse(ppo.PPORecipeConfig, cfg_args[:-2]
+                              + ["--ppo.ref_weight_scale=2.5", "--out", str(tmp_path / "p2")], "ppo")
+    ppo.run(cfg2, out2)
+    got2 = read_metrics(os.path.join(out2, "metrics.jsonl"))[0]["reward"]
+    assert got2 == pytest.approx(2.5 * want, rel=1e-4, abs=1e-4)
 
 
 def test_evaluate_models_k_samples_per_prompt(runs):

@@ -133,6 +133,15 @@ def decorate(core: str, deco: str | None) -> str:
     return {"bang": core + "!", "smiley": core + SMILEY}.get(deco, core)
 
 
+def decorate_all(core: str, decos) -> str:
+    """Every decoration in `decos` (a set, as strip_decoration returns), in a fixed order: a
+    set of strings iterates in an order that changes with the process's hash seed, so picking
+    "the first" made the RM data, and everything after it, differ between two runs of a seed."""
+    for d in sorted(decos):
+        core = decorate(core, d)
+    return core
+
+
 def is_refusal(response: str) -> bool:
     return bool(_REFUSAL_RE.search(response))
 
@@ -474,10 +483,10 @@ class World:
         for _ in range(n_corrupted if p.answer is not None else 0):
             core, decos = strip_decoration(rng.choice(src))
             wrong = self._corrupt(p.answer if core == p.answer or not core else core, rng)
-            out.append(" " + decorate(wrong, next(iter(decos), None)))
+            out.append(" " + decorate_all(wrong, decos))
         for _ in range(n_corrected if p.answer is not None else 0):
             _, decos = strip_decoration(rng.choice(src))
-            out.append(" " + decorate(p.answer, next(iter(decos), None)))
+            out.append(" " + decorate_all(p.answer, decos))
         return out
 
 

@@ -1,4 +1,5 @@
 """Tests of the miniature InstructGPT world (recipes/world.py): pure Python, a few seconds."""
+import os
 import random
 import re
 import string
@@ -6,7 +7,7 @@ import string
 import pytest
 
 from recipes.world import (CONSTRAINTS, SCREEN_POOL, SIZES, TEMPLATES, WEIGHTS, Labeler, World, _prose,
-                           agreement, decorate, strip_decoration, win_rate)
+                           agreement, decorate, decorate_all, strip_decoration, win_rate)
 
 TRAIN_SPLITS = ("sft", "rm", "ppo")
 
@@ -381,3 +382,22 @@ def test_screening_test_pairs_are_one_edit_close_calls(world):
     assert world.screening_agreement(ideal, test) == 1.0
     noisy = Labeler(-2, dict(WEIGHTS), 5.0, world)
     assert world.screening_agreement(noisy, test) < 0.75
+
+
+def test_rm_candidates_do_not_depend_on_the_hash_seed():
+    """A sample with two decorations keeps both on its corrupted and corrected copies, in a
+    fixed order: picking "the first" of a set of strings depended on PYTHONHASHSEED, so two runs
+    of one seed wrote different RM data (found: one row of 1500 differed, and the RM with it)."""
+    import subprocess
+    import sys
+    code = ("import random; from recipes.world import World, decorate_all; w = World(1); "
+            "rng = random.Random(0); ps = [p for p in w.prompts(200, 'rm') if p.answer]; "
+            "print([w.rm_candidates(p, [' ' + decorate_all(p.answer, {'bang', 'smiley'})] * 2, rng, "
+            "n_corrected=1) for p in ps])")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in (1, 2, 3)]
+    assert outs[0] and outs[0] == outs[1] == outs[2]
+    for core in ("o d a b", "3"):
+        for decos in (set(), {"bang"}, {"smiley"}, {"bang", "smiley"}):
+            assert strip_decoration(" " + decorate_all(core, decos)) == (core, decos)

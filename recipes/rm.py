@@ -68,15 +68,30 @@ def add_reference_logliks(ref, groups, pad_id, device, batch_size=64) -> None:
     """Give each encoded ranking group (engine.data.encode_rankings) "ref_loglik": per sequence,
     log pi_ref(completion + EOS | prompt) summed over its tokens, under the GPT `ref`."""
     flat = [(g, j) for g, item in enumerate(groups) for j in range(len(item["ids"]))]
+    lls = reference_logliks(ref, [groups[g]["ids"][j] for g, j in flat],
+                            [groups[g]["prompt_len"] for g, _ in flat], pad_id, device, batch_size)
     for item in groups:
         item["ref_loglik"] = [0.0] * len(item["ids"])
-    for c in range(0, len(flat), batch_size):
-        chunk = flat[c:c + batch_size]
-        seqs = [groups[g]["ids"][j] for g, j in chunk]
-        ids, tgt = _response_targets(seqs, [groups[g]["prompt_len"] for g, _ in chunk], pad_id)
-        lp = ref(ids.to(device), tgt.to(device)).float().sum(1).cpu().tolist()
-        for (g, j), v in zip(chunk, lp):
-            groups[g]["ref_loglik"][j] = v
+    for (g, j), v in zip(flat, lls):
+        groups[g]["ref_loglik"][j] = v
+
+
+@torch.no_grad()
+def reference_logliks(ref, seqs, prompt_lens, pad_id, device, batch_size=64) -> list[float]:
+    """log pi_ref(seq[P:] | seq[:P]) for each token list, in the order given. Batches hold
+    sequences of similar length (sorted), so little of a batch is padding, and the LM head runs
+    only from the batch's shortest prompt on (target_start): ~80% of the RM data's tokens are
+    prompt, whose log-probs are never read."""
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), prompt_lens[i]))
+    out = [0.0] * len(seqs)
+    for c in range(0, len(order), batch_size):
+        idx = order[c:c + batch_size]
+        ids, tgt = _response_targets([seqs[i] for i in idx], [prompt_lens[i] for i in idx], pad_id)
+        start = max(0, min(max(1, prompt_lens[i]) for i in idx) - 1)
+        lp = ref(ids.to(device), tgt.to(device), target_start=start).float().sum(1).cpu().tolist()
+        for i, v in zip(idx, lp):
+            out[i] = v
+    return out
 
 
 def _response_targets(seqs, prompt_lens, pad_id):
@@ -118,18 +133,18 @@ def normalize_bias(rm, demos, tok, T, device, batch_size=32, ref=None) -> float:
     seqs = encode_sft(demos, tok, T)
     w = rm.ref_weight if ref is not None else 0.0
     scores = []
-    for c in range(0, len(seqs), batch_size):
-        chunk = seqs[c:c + batch_size]
+    by_len = sorted(seqs, key=lambda sm: len(sm[0]))  # little padding per batch; the mean is all we need
+    for c in range(0, len(by_len), batch_size):
+        chunk = by_len[c:c + batch_size]
         ids = torch.full((len(chunk), max(len(s) for s, _ in chunk)), tok.pad_id, dtype=torch.long)
         for i, (s, _) in enumerate(chunk):
             ids[i, :len(s)] = torch.tensor(s)
         last = torch.tensor([len(s) - 1 for s, _ in chunk])
-        score = rm.score_at(ids.to(device), last.to(device))
-        if w:  # the loss mask's first 1 is the response's first token
-            x, y = _response_targets([s for s, _ in chunk], [m.index(1) for _, m in chunk], tok.pad_id)
-            score = score + w * ref(x.to(device), y.to(device)).float().sum(1)
-        scores.append(score)
+        scores.append(rm.score_at(ids.to(device), last.to(device)).float().cpu())
     mean = float(torch.cat(scores).mean()) if scores else 0.0
+    if w and seqs:  # the loss mask's first 1 is the response's first token
+        lls = reference_logliks(ref, [s for s, _ in seqs], [m.index(1) for _, m in seqs], tok.pad_id, device)
+        mean += w * sum(lls) / len(lls)
     rm.head.bias.sub_(mean)
     return mean
 

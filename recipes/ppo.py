@@ -201,7 +201,7 @@ def make_experience(policy, ref, rm, value_model, roll, cfg, kl_coef, minibatche
                                           whiten=False)
         if p.whiten_advantages:
             adv = global_whiten(adv, roll.mask)
-    if ref_weight:  # logged reward: the RM's whole score, its reference term included
+    if ref_weight:  # logged reward: the head plus the reference term PPO pays (ppo.ref_weight_scale x w)
         scores = scores + ref_weight * (ref_term * roll.mask).sum(1)
     return dict(old_logp=old_logp, old_values=old_values, adv=adv, returns=returns, scores=scores,
                 kl_sum=kl_sum)

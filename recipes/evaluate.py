@@ -111,15 +111,11 @@ def evaluate_models(models: dict, tok, world: World, ev: EvalSection, seed: int 
         _, greedy = sample(m, tok, prompts, ev, 0.0, seed)
         samples[name] = (resp, greedy)
 
-        def per_prompt(f, idx):  # each prompt's mean of f over its k samples
-            return [statistics.fmean(float(f(prompts[i], r)) for r in resp[i * k:(i + 1) * k]) for i in idx]
-
         def mean_k(f, idx):
-            v = per_prompt(f, idx)
-            return statistics.fmean(v) if v else float("nan")
-        right[name] = per_prompt(world.correct, benign)
+            return _mean(per_prompt_means(f, prompts, resp, k, idx))
+        right[name] = per_prompt_means(world.correct, prompts, resp, k, benign)
         out[name] = {
-            "accuracy": mean_k(world.correct, benign),
+            "accuracy": _mean(right[name]),
             "accuracy_greedy": _frac(world.correct(prompts[i], greedy[i]) for i in benign),
             "accuracy_heldout_templates": mean_k(world.correct, [i for i in benign if prompts[i].heldout_template]),
             "constraint_followed": mean_k(world.followed_constraint, constrained),
@@ -156,7 +152,7 @@ def per_task_accuracy(world: World, prompts, resp, greedy, k: int = 1) -> dict:
         row = {}
         for split, held in (("seen", False), ("heldout", True)):
             idx = [i for i, p in enumerate(prompts) if p.task == task and p.heldout_template == held]
-            row[split] = _frac(world.correct(prompts[i], r) for i in idx for r in resp[i * k:(i + 1) * k])
+            row[split] = _mean(per_prompt_means(world.correct, prompts, resp, k, idx))
             row[f"{split}_greedy"] = _frac(world.correct(prompts[i], greedy[i]) for i in idx)
             row[f"n_{split}"] = len(idx)
         out[task] = row
@@ -232,6 +228,16 @@ def rm_on_policy_samples(reward_model, policy, tok, world: World, prompts, max_n
     c = torch.tensor([x["correct"] for x in qs]).view(-1, k)
     row, pairs = right_over_wrong(s, c)
     return {"right_over_wrong": row, "pairs": pairs, "r_within": within_prompt_corr(s, q), "k": k}
+
+
+def per_prompt_means(f, prompts, resp, k: int, idx) -> list[float]:
+    """For each prompt index i in idx, the mean of f(prompts[i], r) over its k responses
+    resp[i * k:(i + 1) * k] (prompt-major, as evaluate_models samples them)."""
+    return [statistics.fmean(float(f(prompts[i], r)) for r in resp[i * k:(i + 1) * k]) for i in idx]
+
+
+def _mean(v: list[float]) -> float:
+    return statistics.fmean(v) if v else float("nan")
 
 
 def _frac(it) -> float:

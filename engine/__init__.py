@@ -4,7 +4,7 @@
     model = engine.GPT(engine.GPTConfig.from_preset("gpt3-125m"))
 """
 from .config import GPTConfig, load_config
-from .model import GPT, KVCache, RewardModel
+from .model import GPT, KVCache, RewardEnsemble, RewardModel
 
 _LAZY = {
     "ranking_loss": ("losses", "ranking_loss"),
@@ -16,7 +16,7 @@ _LAZY = {
     "DataError": ("data", "DataError"),
 }
 
-__all__ = ["GPTConfig", "GPT", "KVCache", "RewardModel", "load_config", "gae", *_LAZY]
+__all__ = ["GPTConfig", "GPT", "KVCache", "RewardModel", "RewardEnsemble", "load_config", "gae", *_LAZY]
 
 
 def gae(rewards, values, mask, *, gamma, lam):

@@ -473,6 +473,37 @@ class RewardModel(SaveLoad, nn.Module):
 
 
 
+class RewardEnsemble(nn.Module):
+    """The mean of several reward models, scored like one RewardModel:
+
+        r(x, y) = 1/n sum_i [ head_i(h_i) + w_i log pi_ref(y | x) ]
+                = mean_i head_i(h_i) + mean_i(w_i) log pi_ref(y | x)
+
+    Members trained on the same comparisons from different seeds (head init, data order) err
+    on different answers; PPO climbs the errors of a single RM (reward over-optimisation), and
+    the mean has fewer of them to climb. Costs one forward per member wherever the RM scores.
+    Not saved as one model: load it from the member runs (recipes.rm.load_reward_model with
+    comma-separated paths)."""
+
+    def __init__(self, members):
+        super().__init__()
+        if not members:
+            raise ValueError("RewardEnsemble needs at least one reward model")
+        self.members = nn.ModuleList(members)
+        self.cfg = members[0].cfg
+
+    @property
+    def ref_weight(self) -> float:
+        return sum(m.ref_weight for m in self.members) / len(self.members)
+
+    def forward(self, idx, **kw):
+        return torch.stack([m(idx, **kw) for m in self.members]).mean(0)
+
+    def score_at(self, idx, last_idx, *, kv_start=None):
+        s = self(idx, kv_start=kv_start)
+        return s.gather(1, last_idx.view(-1, 1)).squeeze(1)
+
+
 def _default_loglik_weight(module, state_dict, prefix, *args):
     state_dict.setdefault(prefix + "loglik_weight", torch.zeros(1))
 

@@ -208,26 +208,22 @@ def within_prompt_corr(scores: torch.Tensor, quality: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def scored_samples(reward_model, policy, tok, prompts, max_new_tokens: int, k: int, seed: int, ref=None):
-    """k samples (T=1) of the policy per prompt and the RM's score of each: ([P, k] scores on
-    the CPU, the P * k responses, prompt-major). ref: the RM's reference policy, when it has a
-    reference term (default: `policy`, which is then the SFT model it was trained beside)."""
-    roll = generate_responses(policy, tok, [p.text for p in prompts for _ in range(k)],
-                              max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
-    return score_responses(reward_model, roll, ref or policy).float().cpu().view(-1, k), roll.responses
-
-
 def rm_on_policy_samples(reward_model, policy, tok, world: World, prompts, max_new_tokens: int,
                          k: int = 4, seed: int = 5) -> dict:
-    """How the RM orders the policy's own answers (k samples per prompt at T=1) against the
-    world's noise-free quality: right above wrong of the same prompt (`right_over_wrong`), and
-    the within-prompt correlation with the quality total."""
-    s, responses = scored_samples(reward_model, policy, tok, prompts, max_new_tokens, k, seed)
-    qs = [world.quality(prompts[i // k], cut(r)) for i, r in enumerate(responses)]
+    """How the RM scores the policy's own answers (k samples per prompt at T=1) against the
+    world's noise-free quality: Pearson r over all samples (`r`), right above wrong of the same
+    prompt (`right_over_wrong`), and the within-prompt correlation with the quality total.
+    The RM's reference term, if it has one, is read under `policy` (the SFT model it was
+    trained beside)."""
+    roll = generate_responses(policy, tok, [p.text for p in prompts for _ in range(k)],
+                              max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    s = score_responses(reward_model, roll, policy).float().cpu().view(-1, k)
+    qs = [world.quality(prompts[i // k], cut(r)) for i, r in enumerate(roll.responses)]
     q = torch.tensor([x["total"] for x in qs]).view(-1, k)
     c = torch.tensor([x["correct"] for x in qs]).view(-1, k)
     row, pairs = right_over_wrong(s, c)
-    return {"right_over_wrong": row, "pairs": pairs, "r_within": within_prompt_corr(s, q), "k": k}
+    r = float(torch.corrcoef(torch.stack([s.flatten(), q.flatten()]))[0, 1])
+    return {"r": r, "right_over_wrong": row, "pairs": pairs, "r_within": within_prompt_corr(s, q), "k": k}
 
 
 def per_prompt_means(f, prompts, resp, k: int, idx) -> list[float]:

@@ -66,6 +66,8 @@ class StageSteps:
     sft_ptx_batch: int = 4         # prose rows per SFT step (0: none; measured: the prose loss then
                                    # rises from 3.8 to 10.8 and PPO-ptx has to relearn prose, KL 22)
     rm_epochs: float = 3.0
+    rm_ensemble: int = 1           # reward models trained from different seeds (head init, data order) on
+                                   # the same comparisons; PPO and the report use their mean
     rm_ref_loglik: bool = True     # the RM adds w x SFT's log-likelihood of the answer, w learnt with its
                                    # head (rm.ref_loglik). Off, on the 6f465f0 sweep: PPO-ptx accuracy
                                    # change -0.014 (0/5 seeds >= SFT); on, in the same PPO-ptx screen:
@@ -250,7 +252,8 @@ def side_by_side(jobs: dict) -> dict:
     that fails stops the others and raises SystemExit naming it."""
     ctx = multiprocessing.get_context("spawn")  # fork would copy torch's OpenMP thread state
     t0 = time.time()
-    running = {name: ctx.Process(target=fn, args=tuple(args), name=name) for name, (fn, args) in jobs.items()}
+    running = {name: ctx.Process(target=_job, args=(os.getpid(), fn, tuple(args)), name=name)
+               for name, (fn, args) in jobs.items()}
     # SIGTERM (kill, a job scheduler) would end this process without running `finally` and leave
     # both children training; as SystemExit it stops them too (their trainers checkpoint on it)
     on_main = threading.current_thread() is threading.main_thread()
@@ -277,6 +280,18 @@ def side_by_side(jobs: dict) -> dict:
         if on_main:
             signal.signal(signal.SIGTERM, previous)
     return done
+
+
+def _job(parent_pid: int, fn, args):
+    """A side-by-side job that ends when its parent does. A SIGKILL of the pipeline (the OOM
+    killer, `kill -9`) runs no handler there, so the job watches for itself: once its parent is
+    gone it sends itself SIGTERM, which its trainer turns into a checkpoint and an exit."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+    fn(*args)
 
 
 def _exit_on_signal(signum, frame):
@@ -320,16 +335,6 @@ def ppo_stage(pp, run_dir: str, world_seed: int, ev, sft_curve: list[str], rewar
     return ppo.run(pp, run_dir, eval_hook=win_hook, score_fn=score_fn)
 
 
-@torch.no_grad()
-def rm_world_correlation(reward_model, policy, tok, world, prompts, cfg) -> float:
-    """Pearson correlation of the RM's score with the world's noise-free score on the policy's
-    own samples (T=1, one per prompt): how well the reward PPO climbs tracks quality where PPO
-    samples, which pairwise accuracy on candidate sets with easy contrasts does not show."""
-    s, responses = evaluate.scored_samples(reward_model, policy, tok, prompts, cfg.ppo.max_new_tokens, k=1, seed=3)
-    q = torch.tensor([world.quality(p, r)["total"] for p, r in zip(prompts, responses)])
-    return float(torch.corrcoef(torch.stack([s.flatten(), q]))[0, 1])
-
-
 def main(argv=None):
     cfg, out = common.parse(InstructGPTConfig, argv, "instructgpt")
     if cfg.sweep.seeds:
@@ -355,7 +360,8 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     # cost, not the second it took to skip it; rm_data and eval always run in full.
 
     def stage_path(name):
-        return os.path.join(out, name, "stage_seconds") if name in RESUMABLE else None
+        resumable = name in RESUMABLE or (name[:2] == "rm" and name[2:].isdigit())  # rm2, rm3: ensemble members
+        return os.path.join(out, name, "stage_seconds") if resumable else None
 
     def record(name, before, spent, note="", carry=True):  # a finished stage: its wall time, kept and shown
         walls[name] = round(before + spent, 1)
@@ -379,6 +385,7 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
                    f" (side by side with {', '.join(n for n in jobs if n != name)})", carry=name == longest)
 
     # --- 0. the world's data, as files the stage recipes read ----------------------------------
+    t_data = time.time()
     corpus = os.path.join(data, "pretrain.txt")
     corpus_text = world.pretrain_corpus(cfg.world.pretrain_chars)
     with open(corpus, "w") as f:
@@ -401,6 +408,7 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
         Tokenizer.train([corpus, world.letter_pieces_text()], tok_path, vocab_size=cfg.data.vocab_size,
                         model_type=cfg.data.tokenizer_type)
     dist.barrier()
+    record("data", 0.0, time.time() - t_data)
 
     # --- 1. pretrain the base model ----------------------------------------------------------
     pc = stage_cfg(pretrain.PretrainConfig, cfg, data={"path": corpus, "eval_fraction": 0.02, "tokenizer": tok_path})
@@ -446,8 +454,13 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     rc.model.init = d.format("sft")
     rc.train.max_steps, rc.train.batch_size, rc.train.lr, rc.train.warmup_steps = 0, 16, 1e-3, 5
     rc.train.eval_every, rc.train.ckpt_every = 0, 100
-    timed("rm", lambda: rm.run(rc, d.format("rm")))
-    reward_model = rm.load_reward_model(d.format("rm"), device).eval()
+    rm_dirs = [d.format("rm")] + [d.format(f"rm{i + 1}") for i in range(1, cfg.steps.rm_ensemble)]
+    for i, rm_dir in enumerate(rm_dirs):
+        rci = copy.deepcopy(rc)
+        rci.train.seed = cfg.train.seed + 100 * i
+        timed(os.path.basename(rm_dir), lambda: rm.run(rci, rm_dir))
+    reward_model = rm.load_reward_model(",".join(rm_dirs), device).eval()
+    t_judge = time.time()  # what the RM learned: diagnostics for the report ("rm_eval")
     T = cfg.data.seq_len
     ev_files = {k: os.path.join(data, f"rm_eval_{k}.jsonl") for k in ("train_labelers", "heldout_labelers")}
     ev_groups = {}
@@ -458,11 +471,14 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     rm_dims = rm_dimension_accuracy(reward_model, ev_groups["heldout_labelers"], load_rankings(ev_files["heldout_labelers"]),
                                     world, ev_prompts, tok.pad_id, T, device)
     rm_ceiling = {k: labeler_ceiling(world, ev_prompts, load_rankings(f)) for k, f in ev_files.items()}
-    rm_corr = rm_world_correlation(reward_model, sft_model, tok, world, ev_prompts, cfg)
+    # how well the reward PPO climbs tracks quality where PPO starts (SFT's own samples), which
+    # pairwise accuracy on candidate sets with easy contrasts does not show
     rm_policy = evaluate.rm_on_policy_samples(reward_model, sft_model, tok, world, ev_prompts, cfg.ppo.max_new_tokens)
+    rm_corr = rm_policy["r"]
     dist.print0(f"[instructgpt] RM accuracy on held-out prompts: {rm_acc} (a perfect RM: {rm_ceiling}); "
                 f"RM vs world score on SFT samples: r = {rm_corr:.3f}; right above wrong among SFT's own "
                 f"samples: {rm_policy['right_over_wrong']:.3f} ({rm_policy['pairs']} pairs)")
+    record("rm_eval", 0.0, time.time() - t_judge)
 
     # --- 4. PPO and PPO-ptx from the same SFT policy and RM -----------------------------------
     write_jsonl(os.path.join(data, "ppo.jsonl"), [{"prompt": p.text} for p in world.prompts(cfg.world.ppo_prompts, "ppo")])
@@ -470,7 +486,7 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     jobs = {}
     for name, coef in (("ppo", 0.0), ("ppo_ptx", cfg.ppo.ptx_coef)):
         pp = stage_cfg(ppo.PPORecipeConfig, cfg, data={"path": os.path.join(data, "ppo.jsonl")},
-                       rl={"rm": d.format("rm"), "ptx_path": ptx_text, "ptx_seq_len": 64,
+                       rl={"rm": ",".join(rm_dirs), "ptx_path": ptx_text, "ptx_seq_len": 64,
                            "ptx_per_minibatch": 8})
         pp.ppo = copy.deepcopy(cfg.ppo)
         pp.ppo.ptx_coef = coef
@@ -616,7 +632,7 @@ def rm_dimension_table(report) -> list[str]:
             "| dimension | RM agrees | pairs |", "|---|---|---|"]
     rows += [f"| {k} | {v['accuracy']:.3f} | {v['pairs']} |" for k, v in dims.items()]
     if "rm_world_correlation" in report:
-        rows += ["", f"On SFT's own samples (T=1) of the same prompts, where PPO starts, the RM's score correlates "
+        rows += ["", f"On SFT's own samples (T=1, all of them below) of the same prompts, where PPO starts, the RM's score correlates "
                      f"r = {report['rm_world_correlation']:.3f} with the world's noise-free score."]
     pol = report.get("rm_on_policy_samples")
     if pol:

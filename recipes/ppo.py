@@ -43,8 +43,9 @@ from recipes.rm import load_reward_model
 
 @dataclass
 class RLSection:
-    rm: str = ""                  # reward-model run (recipes.rm output)
-    value_init: str = ""          # default: the RM (paper: value model initialised from the RM)
+    rm: str = ""                  # reward-model run (recipes.rm output); "a,b,c": the mean of several
+                                  # (engine.model.RewardEnsemble), e.g. one RM trained from 3 seeds
+    value_init: str = ""          # default: the (first) RM (paper: value model initialised from the RM)
     ptx_path: str = ""            # pretraining text for ptx (plain .txt or {"text"} JSONL)
     ptx_per_minibatch: int = 0    # 0: ppo.ptx_ratio x minibatch_size (paper: 8x episodes)
     ptx_seq_len: int = 0          # 0: data.seq_len
@@ -228,9 +229,12 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None, score_fn=None) -> dict:
     ema = copy.deepcopy(policy).requires_grad_(False) if cfg.rl.ema else None
     rm = load_reward_model(cfg.rl.rm, device, tok=tok).eval().requires_grad_(False)
     ref_weight = 0.0 if score_fn else rm.ref_weight * p.ref_weight_scale
-    value_model = load_reward_model(cfg.rl.value_init or cfg.rl.rm, device, tok=tok)
+    # ppo.critic=false: no value model at all (V = 0), so nothing is trained, kept or saved for it
+    value_model = load_reward_model(cfg.rl.value_init or cfg.rl.rm.split(",")[0], device, tok=tok) if p.critic else None
     if cfg.train.compile:  # the policy (and its copies) came compiled from build_model
-        compile_blocks(rm), compile_blocks(value_model)
+        compile_blocks(rm)
+        if value_model is not None:
+            compile_blocks(value_model)
     ptx = None
     if cfg.rl.ptx_path and p.ptx_coef > 0:
         ptx = TokenStream.from_text(load_text(cfg.rl.ptx_path), tok)
@@ -247,12 +251,13 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None, score_fn=None) -> dict:
         raise SystemExit(f"rl.gen_group={G} must divide the {B} episodes per rank")
 
     pw = common.wrap(cfg, policy, device)
-    vw = common.wrap(cfg, value_model, device)
+    vw = common.wrap(cfg, value_model, device) if value_model is not None else None
     if cfg.dist.strategy == "fsdp":
         # frozen models sharded and cast like the policy: the KL reference and the RM compute in
         # the policy's precision, and only their shards stay resident
         ref = common.wrap(cfg, ref, device, trained=False)
-        rm = common.wrap(cfg, rm, device, trained=False)
+        for m in getattr(rm, "members", [rm]):  # an ensemble: each member sharded like one RM
+            common.wrap(cfg, m, device, trained=False)
         if ema is not None:
             ema = common.wrap(cfg, ema, device, trained=False)  # sharded like the policy: ema_update is local
     opt_v_cfg = copy.copy(cfg.train)
@@ -260,10 +265,11 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None, score_fn=None) -> dict:
     kl_ctl = (AdaptiveKLController(p.beta, p.kl_target, p.kl_horizon) if p.adaptive_kl
               else FixedKLController(p.beta))
     moments = RunningMoments()
-    models = {"policy": policy, "value": value_model, **({"ema": ema} if ema is not None else {})}
-    trainer = Trainer(pw, cfg.train, out, models=models, device=device, desc="ppo",
-                      optimizers={"model": make_optimizer(policy, cfg.train),
-                                  "value": make_optimizer(value_model, opt_v_cfg)},
+    models = {"policy": policy, **({"value": value_model} if vw is not None else {}),
+              **({"ema": ema} if ema is not None else {})}
+    optimizers = {"model": make_optimizer(policy, cfg.train),
+                  **({"value": make_optimizer(value_model, opt_v_cfg)} if vw is not None else {})}
+    trainer = Trainer(pw, cfg.train, out, models=models, device=device, desc="ppo", optimizers=optimizers,
                       state_fn=lambda: {"kl": kl_ctl.state_dict(), "moments": moments.state_dict()},
                       load_state_fn=lambda s: (kl_ctl.load_state_dict(s["kl"]), moments.load_state_dict(s["moments"])))
     trainer.resume()
@@ -379,7 +385,8 @@ def run(cfg: PPORecipeConfig, out: str, eval_hook=None, score_fn=None) -> dict:
     trainer.save()
     final = ema if ema is not None else policy
     common.export(final, tok, out)
-    common.save_full(value_model, os.path.join(out, "value"))
+    if value_model is not None:
+        common.save_full(value_model, os.path.join(out, "value"))
     return info
 
 

@@ -22,7 +22,7 @@ from engine.checkpoint import CheckpointError
 from engine.config import DataSection, DistSection, ModelSection, TrainConfig, section
 from engine.data import collate_rankings, encode_rankings, encode_sft, load_rankings, load_sft, unflatten_groups
 from engine.losses import ranking_accuracy, ranking_loss
-from engine.model import RewardModel
+from engine.model import RewardEnsemble, RewardModel
 from engine.trainer import Trainer
 from recipes import common
 
@@ -221,11 +221,15 @@ def run(cfg: RMConfig, out: str) -> dict:
     return {**info, **{f"eval_{k}": v for k, v in result.items()}}
 
 
-def load_reward_model(path: str, device, dropout: float = 0.0, tok=None) -> RewardModel:
+def load_reward_model(path: str, device, dropout: float = 0.0, tok=None):
     """An RM run folder (uses its model/) or a RewardModel folder; dropout off by default
-    (scoring, and PPO's value model, must be deterministic). With `tok`, a reward model trained
-    with another tokenizer is refused (common.check_same_tokenizer)."""
+    (scoring, and PPO's value model, must be deterministic). Comma-separated paths: their
+    RewardEnsemble (the mean score). With `tok`, a reward model trained with another tokenizer
+    is refused (common.check_same_tokenizer)."""
     import os
+    paths = [p for p in path.split(",") if p]
+    if len(paths) > 1:
+        return RewardEnsemble([load_reward_model(p, device, dropout, tok) for p in paths])
     sub = os.path.join(path, "model")
     try:
         rm = RewardModel.load(sub if os.path.isdir(sub) else path, map_location=device, dropout=dropout)
@@ -234,8 +238,6 @@ def load_reward_model(path: str, device, dropout: float = 0.0, tok=None) -> Rewa
     if tok is not None:
         common.check_same_tokenizer(tok, rm, path, "reward model")
     return rm
-
-
 
 
 if __name__ == "__main__":

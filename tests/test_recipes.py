@@ -94,7 +94,7 @@ def test_instructgpt_pipeline_smoke(tmp_path):
             "--world.pretrain_chars=100000", "--world.sft_demos=100", "--world.rm_prompts=32",
             "--world.rm_eval_prompts=16", "--world.ppo_prompts=32", "--eval.prompts=24",
             "--ppo.batch_size=8", "--ppo.minibatch_size=4", "--ppo.max_new_tokens=8", "--eval.max_new_tokens=8",
-            "--eval.prose_tokens=512"]
+            "--eval.prose_tokens=512", "--steps.rm_ensemble=2"]
     rep = instructgpt.main(["--out", out] + args)
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
@@ -112,7 +112,14 @@ def test_instructgpt_pipeline_smoke(tmp_path):
     assert report["side_by_side"] == (["ppo", "ppo_ptx"] if together else [])
     for stage in ("ppo", "ppo_ptx"):
         threads = max(1, (os.cpu_count() or 1) // 2) if together else 0
-        assert f"threads = {threads}\n" in open(os.path.join(out, stage, "config.toml")).read()
+        conf = open(os.path.join(out, stage, "config.toml")).read()
+        assert f"threads = {threads}\n" in conf
+        assert f'rm = "{os.path.join(out, "rm")},{os.path.join(out, "rm2")}"' in conf  # steps.rm_ensemble=2
+    # the two reward models were trained from different seeds
+    from recipes.rm import load_reward_model
+    heads = [load_reward_model(os.path.join(out, n), "cpu").head.weight for n in ("rm", "rm2")]
+    assert not torch.equal(*heads)
+    assert {"data", "rm", "rm2", "rm_eval", "eval"} <= set(report["wall_time_s"])
     # the reader's tables: per-task accuracy, what the RM learned, what changed under PPO-ptx
     tasks = report["per_model"]["sft"]["per_task"]
     assert tasks and all({"seen", "heldout", "seen_greedy", "heldout_greedy"} <= set(v) for v in tasks.values())
@@ -141,7 +148,7 @@ def test_instructgpt_pipeline_smoke(tmp_path):
     # a rerun resumes every stage and still reports what each one cost (stage_seconds)
     rep2 = instructgpt.main(["--out", out] + args)
     w1, w2 = report["wall_time_s"], rep2["wall_time_s"]
-    for stage in instructgpt.RESUMABLE:
+    for stage in (*instructgpt.RESUMABLE, "rm2"):  # rm2: the second reward model of the ensemble
         assert w2[stage] >= w1[stage] > 0, stage
         assert float(open(os.path.join(out, stage, "stage_seconds")).read()) == pytest.approx(w2[stage], abs=0.06)
     # the rerun's total carries what the resumed stages cost (side-by-side ones overlapped: once)
@@ -230,17 +237,14 @@ def test_ppo_samples_per_prompt_centres_scores_and_critic_off(runs, tmp_path):
     """ppo.samples_per_prompt=4: each drawn prompt is sampled 4 times in a row, and its scores are
     centred within the group, so a reward that only depends on the prompt (a per-prompt offset)
     gives zero advantages: with beta 0, no EOS penalty and no EMA the policy does not move. The
-    same reward with one sample per prompt moves it. ppo.critic=false leaves the value model at
-    its RM init."""
+    same reward with one sample per prompt moves it. ppo.critic=false builds no value model."""
     from engine import GPT
     from engine.tokenizer import Tokenizer
     from recipes import common
-    from recipes.rm import load_reward_model
 
     def offset(roll):  # integer-valued, so the centred scores are exactly 0
         return torch.tensor([float(len(p) % 7) for p in roll.prompts])
     init = GPT.load(os.path.join(runs["sft"], "model"))
-    rm0 = load_reward_model(runs["rm"], "cpu")
     moved = {}
     for k in (4, 1):
         cfg, out = common.parse(ppo.PPORecipeConfig, [
@@ -257,8 +261,7 @@ def test_ppo_samples_per_prompt_centres_scores_and_critic_off(runs, tmp_path):
         ppo.run(cfg, out, score_fn=offset)
         pol = GPT.load(os.path.join(out, "model"))
         moved[k] = not all(torch.equal(a, b) for a, b in zip(pol.parameters(), init.parameters()))
-        value = load_reward_model(os.path.join(out, "value"), "cpu")
-        assert all(torch.equal(a, b) for a, b in zip(value.parameters(), rm0.parameters())), k
+        assert not os.path.exists(os.path.join(out, "value")), k  # no value model was built or saved
     assert moved == {4: False, 1: True}
 
 
@@ -333,6 +336,58 @@ def test_ppo_pays_the_reward_models_reference_term(runs, tmp_path):
     got2 = read_metrics(os.path.join(out2, "metrics.jsonl"))[0]["reward"]
     assert got2 == pytest.approx(2.5 * want, rel=1e-4, abs=1e-4)
 
+
+
+def test_reward_ensemble_is_the_mean_of_its_members(runs, tmp_path):
+    """rl.rm="a,b" (load_reward_model with comma-separated runs): a RewardEnsemble whose score
+    is the members' mean, reference term included, in every way an RM is read (per-token
+    forward, score_at, ranking-group scores); PPO's logged reward with it is the mean of what it
+    logs with each member alone (same episodes), and the value model starts from the first."""
+    from engine import RewardEnsemble
+    from engine.data import collate_rankings, encode_rankings, load_rankings
+    from engine.tokenizer import Tokenizer
+    from recipes import common
+    from recipes.rm import group_rewards, load_reward_model
+
+    tok = Tokenizer.load(runs["rm"])
+    a = load_reward_model(runs["rm"], "cpu")
+    b = load_reward_model(runs["rm"], "cpu")
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        b.head.bias.add_(2.0), b.loglik_weight.fill_(0.7)
+    common.export(b, tok, str(tmp_path / "rmb"))
+    ens = load_reward_model(f"{runs['rm']},{tmp_path / 'rmb'}", "cpu", tok=tok)
+    assert isinstance(ens, RewardEnsemble) and len(ens.members) == 2
+    assert ens.ref_weight == pytest.approx((a.ref_weight + 0.7) / 2)
+    idx = torch.randint(0, tok.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+    ref = torch.randn(3, 17)
+    with torch.no_grad():
+        want = (a(idx, ref_loglik=ref) + b(idx, ref_loglik=ref)) / 2
+        torch.testing.assert_close(ens(idx, ref_loglik=ref), want)
+        last = torch.tensor([16, 4, 9])
+        torch.testing.assert_close(ens.score_at(idx, last), (a.score_at(idx, last) + b.score_at(idx, last)) / 2)
+        groups = encode_rankings(load_rankings(DATA / "rankings_oasst_en.jsonl")[:4], tok, 64)
+        batch = collate_rankings(groups, tok.pad_id, 64, True)
+        torch.testing.assert_close(group_rewards(ens, batch), (group_rewards(a, batch) + group_rewards(b, batch)) / 2)
+
+    def logged_reward(rm_arg, name):
+        cfg, out = common.parse(ppo.PPORecipeConfig, [
+            "--train.progress=false", "--data.seq_len=64", "--train.threads=1", f"--model.init={runs['sft']}",
+            f"--rl.rm={rm_arg}", "--train.max_steps=1", "--ppo.batch_size=8", "--ppo.minibatch_size=4",
+            "--ppo.max_new_tokens=8", "--ppo.critic_warmup=1", "--out", str(tmp_path / name)], "ppo")
+        ppo.run(cfg, out)
+        return read_metrics(os.path.join(out, "metrics.jsonl"))[0]["reward"], out
+    ra, _ = logged_reward(runs["rm"], "pa")
+    rb, _ = logged_reward(tmp_path / "rmb", "pb")
+    rab, out = logged_reward(f"{runs['rm']},{tmp_path / 'rmb'}", "pab")
+    assert abs(ra - rb) > 0.5 and rab == pytest.approx((ra + rb) / 2, rel=1e-4, abs=1e-4)
+    # the value model was initialised from the first member (critic warmup: only it trained)
+    value = load_reward_model(os.path.join(out, "value"), "cpu")
+    assert torch.equal(value.loglik_weight, a.loglik_weight)
+    assert float((value.head.bias - a.head.bias).abs().detach()) < 0.5 < float((value.head.bias - b.head.bias).abs().detach())
+    with pytest.raises(SystemExit, match="reward model"):
+        load_reward_model(f"{runs['rm']},{tmp_path / 'missing'}", "cpu")
 
 def test_evaluate_models_k_samples_per_prompt(runs):
     """k T=1 samples per prompt: every T=1 metric averages them, the KL reads the sampler's own

@@ -218,6 +218,35 @@ def test_side_by_side_sigterm_stops_the_jobs_too():
     assert alive == [], alive
 
 
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_side_by_side_jobs_end_when_the_pipeline_is_killed():
+    """SIGKILL (no handler runs) of the pipeline while the RL stages run side by side: the jobs
+    notice their parent is gone and end within seconds instead of training on unattended."""
+    import signal
+    code = ("import time\nfrom recipes.instructgpt import side_by_side\n"
+            "side_by_side({'a': (time.sleep, [120]), 'b': (time.sleep, [120])})")
+    p = subprocess.Popen([sys.executable, "-c", code])
+    kids = []
+    try:
+        deadline = time.time() + 60
+        while len(kids := _children(p.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(kids) >= 2, kids
+        time.sleep(1.0)
+        p.kill()
+        p.wait(timeout=30)
+        deadline = time.time() + 20
+        while (alive := [k for k in kids if _alive(k)]) and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        for k in kids:  # a failing run must not leave its sleepers behind
+            try:
+                os.kill(k, signal.SIGKILL)
+            except OSError:
+                pass
+    assert alive == [], alive
+
 def test_prose_loss_is_the_token_mean_over_whole_rows():
     """The alignment-tax loss: batched rows give the mean of the row-by-row NLLs (all rows have
     T tokens), on rows = min(n_tokens, len - 1) // T windows of the held-out stream."""

@@ -1,6 +1,6 @@
 """The whole InstructGPT pipeline: pretrain -> SFT -> RM -> PPO and PPO-ptx -> evaluation.
 
-    python -m recipes.instructgpt                     # the miniature world on CPU, about 2.5 min on a 2-core Xeon
+    python -m recipes.instructgpt                     # the miniature world on CPU, 2.5-3 min on a 2-core Xeon
     python -m recipes.instructgpt --out runs/mini2 --world.seed=1 --train.seed=1
     python -m recipes.instructgpt --out runs/sweep --sweep.seeds=0,1,2,3,4   # sweep.md / sweep.json
 
@@ -138,7 +138,7 @@ class InstructGPTConfig:
     # lam 0.5 since then (section 13: PPO stages on the d6b52ea sweep's five seeds; mean win,
     # lowest lower bound, mean T=1 accuracy change with 2 / 8 samples per prompt, constraint
     # followed, SFT 0.31): lam 0 0.531, 0.494, +0.006 / +0.006, 0.42; lam 0.5 0.546, 0.524,
-    # +0.005 / +0.005, 0.56; lam 0.95 0.551, 0.533, -0.004, 0.63. The reference term pays per
+    # +0.005 / +0.004, 0.56; lam 0.95 0.551, 0.533, -0.004, 0.63. The reference term pays per
     # token, so at lam 0 an asked decoration, unlikely under SFT, was priced at once while the
     # head's reward for it reached the answer only through the value model: constraint following
     # fell below SFT's on three seeds. A 3-RM ensemble (steps.rm_ensemble) did not help (+0.006).
@@ -639,7 +639,7 @@ def rm_dimension_table(report) -> list[str]:
             "| dimension | RM agrees | pairs |", "|---|---|---|"]
     rows += [f"| {k} | {v['accuracy']:.3f} | {v['pairs']} |" for k, v in dims.items()]
     if "rm_world_correlation" in report:
-        rows += ["", f"On SFT's own samples (T=1, all of them below) of the same prompts, where PPO starts, the RM's score correlates "
+        rows += ["", f"On SFT's own samples (T=1) of the same prompts, where PPO starts, the RM's score correlates "
                      f"r = {report['rm_world_correlation']:.3f} with the world's noise-free score."]
     pol = report.get("rm_on_policy_samples")
     if pol:

@@ -142,6 +142,11 @@ def test_fsdp_bf16_two_ranks_match_one_process(bf16_runs):
     assert a[1]["response_len"] == b[1]["response_len"]
     for key in ("reward", "value_loss"):
         assert math.isclose(a[1][key], b[1][key], rel_tol=0.15, abs_tol=0.05), (key, a[1][key], b[1][key])
+    # an ensemble (rl.rm=a,b) shards each member like one RM: two copies of the RM pay the same
+    run("ppo", d / "ppo_fsdp_ens", PPO + [f"--model.init={d / 'sft'}", f"--rl.rm={d / 'rm'},{d / 'rm'}",
+                                           "--dist.strategy=fsdp", "--train.max_steps=1"], nproc=2)
+    e = metrics(d / "ppo_fsdp_ens")
+    assert len(e) == 1 and e[0]["first_ratio"] == 1.0 and e[0]["reward"] == b[0]["reward"]
 
 
 def test_attention_follows_autocast():

@@ -187,46 +187,14 @@ def _children(pid: int) -> list[int]:
     return [int(d) for d, st in stats.items() if len(st) > 1 and st[0] != "Z" and st[1] == str(pid)]
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
-def test_side_by_side_sigterm_stops_the_jobs_too():
-    """A SIGTERM to the pipeline while the RL stages run side by side exits with one line and
-    stops both jobs (by default it would end the parent alone and leave them running)."""
+def _sleepers_side_by_side(stop, seconds: int, **popen):
+    """A pipeline stand-in running two sleeping jobs side by side; once both jobs run, stop(p)
+    ends it. Returns (p, the jobs still alive up to 20 s later); the jobs are killed whatever
+    happens, so a failing test leaves none behind."""
     import signal
     code = ("import time\nfrom recipes.instructgpt import side_by_side\n"
-            "side_by_side({'a': (time.sleep, [60]), 'b': (time.sleep, [60])})")
-    p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-    kids = []
-    try:
-        deadline = time.time() + 60
-        while len(kids := _children(p.pid)) < 2 and time.time() < deadline:
-            time.sleep(0.2)
-        assert len(kids) >= 2, kids
-        time.sleep(0.5)
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=30)
-        time.sleep(0.5)
-        alive = [k for k in kids if _alive(k)]
-    finally:
-        p.kill()
-        for k in kids:  # a failing run must not leave its sleepers behind
-            try:
-                os.kill(k, signal.SIGKILL)
-            except OSError:
-                pass
-    err = p.stderr.read()
-    assert p.returncode != 0 and "stopped by signal 15" in err and "Traceback" not in err, err
-    assert alive == [], alive
-
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
-def test_side_by_side_jobs_end_when_the_pipeline_is_killed():
-    """SIGKILL (no handler runs) of the pipeline while the RL stages run side by side: the jobs
-    notice their parent is gone and end within seconds instead of training on unattended."""
-    import signal
-    code = ("import time\nfrom recipes.instructgpt import side_by_side\n"
-            "side_by_side({'a': (time.sleep, [120]), 'b': (time.sleep, [120])})")
-    p = subprocess.Popen([sys.executable, "-c", code])
+            f"side_by_side({{'a': (time.sleep, [{seconds}]), 'b': (time.sleep, [{seconds}])}})")
+    p = subprocess.Popen([sys.executable, "-c", code], **popen)
     kids = []
     try:
         deadline = time.time() + 60
@@ -234,18 +202,40 @@ def test_side_by_side_jobs_end_when_the_pipeline_is_killed():
             time.sleep(0.2)
         assert len(kids) >= 2, kids
         time.sleep(1.0)
-        p.kill()
+        stop(p)
         p.wait(timeout=30)
         deadline = time.time() + 20
         while (alive := [k for k in kids if _alive(k)]) and time.time() < deadline:
             time.sleep(0.2)
     finally:
-        for k in kids:  # a failing run must not leave its sleepers behind
+        p.kill()
+        for k in kids:
             try:
                 os.kill(k, signal.SIGKILL)
             except OSError:
                 pass
+    return p, alive
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_side_by_side_sigterm_stops_the_jobs_too():
+    """A SIGTERM to the pipeline while the RL stages run side by side exits with one line and
+    stops both jobs (by default it would end the parent alone and leave them running)."""
+    import signal
+    p, alive = _sleepers_side_by_side(lambda p: p.send_signal(signal.SIGTERM), 60,
+                                      stderr=subprocess.PIPE, text=True)
+    err = p.stderr.read()
+    assert p.returncode != 0 and "stopped by signal 15" in err and "Traceback" not in err, err
     assert alive == [], alive
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_side_by_side_jobs_end_when_the_pipeline_is_killed():
+    """SIGKILL (no handler runs) of the pipeline while the RL stages run side by side: the jobs
+    notice their parent is gone and end within seconds instead of training on unattended."""
+    p, alive = _sleepers_side_by_side(lambda p: p.kill(), 120)
+    assert p.returncode == -9 and alive == [], alive
+
 
 def test_prose_loss_is_the_token_mean_over_whole_rows():
     """The alignment-tax loss: batched rows give the mean of the row-by-row NLLs (all rows have

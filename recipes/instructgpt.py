@@ -65,7 +65,10 @@ class StageSteps:
     sft_lr: float = 3e-3
     sft_ptx_batch: int = 4         # prose rows per SFT step (0: none; measured: the prose loss then
                                    # rises from 3.8 to 10.8 and PPO-ptx has to relearn prose, KL 22)
-    rm_epochs: float = 3.0
+    rm_epochs: float = 4.0         # 3 until lam 0.5 (docs/miniature_rl_diagnosis.md section 13): with 4, PPO-ptx's
+                                   # T=1 accuracy change per seed +0.004 / +0.021 / +0.002 / +0.003 / +0.0005
+                                   # (5/5 >= SFT; 8 samples per prompt: 5/5) against +0.009 / +0.018 / -0.0005 /
+                                   # -0.0025 / -0.001 (2/5; 8 samples: 4/5), for ~4 s more RM training
     rm_ensemble: int = 1           # reward models trained from different seeds (head init, data order) on
                                    # the same comparisons; PPO and the report use their mean
     rm_ref_loglik: bool = True     # the RM adds w x SFT's log-likelihood of the answer, w learnt with its

@@ -369,8 +369,10 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     # rerun that resumes (or a folder copied from another run) reports what the stage's result
     # cost, not the second it took to skip it; rm_data and eval always run in full.
 
+    rm_stages = ["rm"] + [f"rm{i + 1}" for i in range(1, cfg.steps.rm_ensemble)]  # rm2, rm3: ensemble members
+
     def stage_path(name):
-        resumable = name in RESUMABLE or (name[:2] == "rm" and name[2:].isdigit())  # rm2, rm3: ensemble members
+        resumable = name in RESUMABLE or name in rm_stages
         return os.path.join(out, name, "stage_seconds") if resumable else None
 
     def record(name, before, spent, note="", carry=True):  # a finished stage: its wall time, kept and shown
@@ -464,11 +466,11 @@ def run(cfg: InstructGPTConfig, out: str) -> dict:
     rc.model.init = d.format("sft")
     rc.train.max_steps, rc.train.batch_size, rc.train.lr, rc.train.warmup_steps = 0, 16, 1e-3, 5
     rc.train.eval_every, rc.train.ckpt_every = 0, 100
-    rm_dirs = [d.format("rm")] + [d.format(f"rm{i + 1}") for i in range(1, cfg.steps.rm_ensemble)]
-    for i, rm_dir in enumerate(rm_dirs):
+    rm_dirs = [d.format(name) for name in rm_stages]
+    for i, (name, rm_dir) in enumerate(zip(rm_stages, rm_dirs)):
         rci = copy.deepcopy(rc)
         rci.train.seed = cfg.train.seed + 100 * i
-        timed(os.path.basename(rm_dir), lambda: rm.run(rci, rm_dir))
+        timed(name, lambda: rm.run(rci, rm_dir))
     reward_model = rm.load_reward_model(",".join(rm_dirs), device).eval()
     t_judge = time.time()  # what the RM learned: diagnostics for the report ("rm_eval")
     T = cfg.data.seq_len

@@ -27,4 +27,6 @@ def main(out, sft, rm):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(*sys.argv[1:4])
+    # as a recipe command: every rank leaves together and skips the interpreter teardown, where a
+    # rank with a gloo group can abort ("terminate called without an active exception")
+    common.cli(lambda argv: main(*sys.argv[1:4]))
